@@ -1,0 +1,41 @@
+"""Shared timing helpers for the benchmarks: side-by-side, interleaved, median of rounds."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int, device: str, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, the functions taking turns round by round.
+
+    Taking turns matters on shared machines: load from elsewhere then hits every contender
+    alike, so ratios stay meaningful even when absolute times drift.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)

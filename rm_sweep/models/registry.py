@@ -1,0 +1,152 @@
+"""Model configs, the architecture registry and ``create_model``."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from rm_sweep.errors import UserError
+from rm_sweep.masks import PARTS, MaskConfig, RandomMask, install_masks
+
+# Per-channel statistics of the training images (CIFAR-10's std is the per-pixel one,
+# not the 0.2023/0.1994/0.2010 copied through many CIFAR repositories).
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a network (its weights aside)."""
+
+    arch: str
+    num_classes: int = 10
+    in_channels: int = 3
+    image_size: int = 32
+    width: float = 1.0
+    mean: tuple[float, ...] = CIFAR10_MEAN
+    std: tuple[float, ...] = CIFAR10_STD
+    mask: MaskConfig | None = field(default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise UserError(f"unknown model config field(s): {', '.join(sorted(unknown))}")
+        mask = d.pop("mask", None)
+        d["mean"], d["std"] = tuple(d.get("mean", ())), tuple(d.get("std", ()))
+        return cls(**d, mask=None if mask is None else MaskConfig.from_dict(mask))
+
+
+class Normalize(nn.Module):
+    """First layer of every model: (x - mean) / std per channel; x (N, C, H, W) in [0, 1]."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What an architecture asks while it builds itself: how wide a layer is, and its mask.
+
+    ``part`` is "shallow" or "deep"; ``width`` scales every layer, the mask's channel
+    multiplier only the masked part.
+    """
+
+    width: float
+    mask: MaskConfig | None
+
+    def channels(self, base: int, part: str) -> int:
+        k = self.mask.multiplier(part) if self.mask else 1.0
+        return max(1, round(base * self.width * k))
+
+    def masker(self, part: str) -> nn.Module:
+        """A ``RandomMask`` where ``part`` is masked, otherwise the identity."""
+        if self.mask is None or self.mask.ratio(part) == 0:
+            return nn.Identity()
+        return RandomMask(self.mask.ratio(part), self.mask.variant)
+
+
+Builder = Callable[[LayerPlan, int, int], nn.Module]
+_REGISTRY: dict[str, Builder] = {}
+
+
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Register ``fn(plan, in_channels, num_classes) -> body`` under ``name``."""
+
+    def deco(fn: Builder) -> Builder:
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+class Classifier(nn.Sequential):
+    """``Normalize`` then the architecture's body; carries its ``ModelConfig`` as ``.config``.
+
+    Input (N, C, H, W) in [0, 1]; output logits (N, num_classes).
+    """
+
+    def __init__(self, config: ModelConfig, body: nn.Module) -> None:
+        super().__init__()
+        self.normalize = Normalize(config.mean, config.std)
+        self.body = body
+        self.config = config
+
+
+def build(config: ModelConfig) -> Classifier:
+    """Build (and mask) the network a ``ModelConfig`` describes."""
+    if config.arch not in _REGISTRY:
+        raise UserError(f"unknown architecture {config.arch!r}; choose one of {', '.join(list_models())}")
+    if len(config.mean) != config.in_channels or len(config.std) != config.in_channels:
+        raise UserError(f"mean/std need {config.in_channels} values, one per input channel")
+    if not config.width > 0:
+        raise UserError(f"width must be positive, got {config.width!r}")
+    body = _REGISTRY[config.arch](LayerPlan(config.width, config.mask), config.in_channels, config.num_classes)
+    model = Classifier(config, body)
+    if config.mask is not None:
+        example = torch.zeros(1, config.in_channels, config.image_size, config.image_size)
+        install_masks(model, example, config.mask.seed)
+    return model
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    image_size: int = 32,
+    mask: MaskConfig | None = None,
+    width: float = 1.0,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+) -> Classifier:
+    """A zoo network that takes images (N, in_channels, image_size, image_size) in [0, 1].
+
+    ``mean``/``std`` default to CIFAR-10's (3 channels) or MNIST's (1 channel).
+    """
+    if mean is None or std is None:
+        if in_channels not in (1, 3):
+            raise UserError(f"give mean and std for {in_channels}-channel inputs")
+        mean, std = (CIFAR10_MEAN, CIFAR10_STD) if in_channels == 3 else (MNIST_MEAN, MNIST_STD)
+    config = ModelConfig(name, num_classes, in_channels, image_size, float(width), tuple(mean), tuple(std), mask)
+    return build(config)
+
+
+__all__ = ["PARTS", "ModelConfig", "LayerPlan", "Classifier", "register_model", "list_models", "create_model", "build"]

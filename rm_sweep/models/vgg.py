@@ -1,0 +1,36 @@
+"""VGG-19 with BatchNorm (Simonyan & Zisserman, 2014) for 32x32 inputs, one final linear layer.
+
+Shallow = the first four conv layers (the paper's masked part), deep = the other twelve.
+Each conv's BatchNorm output in a masked part is masked before its ReLU.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from rm_sweep.models.registry import LayerPlan, register_model
+
+# Channels per conv layer; "M" is a 2x2 max pool.
+VGG19 = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]
+SHALLOW_CONVS = 4
+
+
+def vgg(cfg: list[int | str], plan: LayerPlan, in_channels: int, num_classes: int) -> nn.Sequential:
+    """Input: normalised images (N, C, H, W); output logits (N, num_classes)."""
+    layers: list[nn.Module] = []
+    planes, n_conv = in_channels, 0
+    for item in cfg:
+        if item == "M":
+            # ceil_mode keeps 28x28 (MNIST) inputs at 1x1 after five pools instead of 0x0.
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            continue
+        part = "shallow" if n_conv < SHALLOW_CONVS else "deep"
+        out = plan.channels(int(item), part)
+        layers += [nn.Conv2d(planes, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), plan.masker(part), nn.ReLU()]
+        planes, n_conv = out, n_conv + 1
+    layers += [nn.Flatten(), nn.Linear(planes, num_classes)]
+    return nn.Sequential(*layers)
+
+
+@register_model("vgg19")
+def vgg19(plan: LayerPlan, in_channels: int, num_classes: int) -> nn.Sequential:
+    return vgg(VGG19, plan, in_channels, num_classes)
