@@ -1,0 +1,188 @@
+"""rm_sweep.data: data set specs, cached arrays, balanced subsets and on-device augmentation."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+import rm_sweep.data as data_mod
+from imagefolder import write_image_folder
+from rm_sweep.data import (
+    CROP_PADDING,
+    DataSpec,
+    DeviceLoader,
+    balanced_subset,
+    load_dataset,
+    parse_data_spec,
+)
+from rm_sweep.errors import UserError
+
+
+@pytest.mark.parametrize("text, spec", [
+    ("cifar10", DataSpec("cifar10")),
+    ("mnist", DataSpec("mnist")),
+    ("folder:../shared/data/cifar10-jpeg", DataSpec("folder", "../shared/data/cifar10-jpeg")),
+    ("folder:/abs/with:colon", DataSpec("folder", "/abs/with:colon")),
+])
+def test_spec_parses_and_prints_back(text: str, spec: DataSpec) -> None:
+    assert parse_data_spec(text) == spec
+    assert str(spec) == text
+
+
+@pytest.mark.parametrize("text", ["imagenet", "folder:", "cifar10:x", "", "CIFAR10"])
+def test_unknown_spec_is_a_user_error(text: str) -> None:
+    with pytest.raises(UserError, match="data set|needs a path"):
+        parse_data_spec(text)
+
+
+@pytest.mark.parametrize("spec, augment", [("cifar10", "crop-flip"), ("mnist", "flip"), ("folder:x", "crop-flip")])
+def test_paper_augmentation_per_data_set(spec: str, augment: str) -> None:
+    assert parse_data_spec(spec).augment == augment
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_folder_loads_exact_pixels_labels_and_statistics(tmp_path: Path, channels: int) -> None:
+    expected = write_image_folder(tmp_path / "ds", channels=channels)
+    ds = load_dataset(f"folder:{tmp_path / 'ds'}", data_dir=tmp_path / "cache")
+    for key in ("train_x", "train_y", "test_x", "test_y"):
+        assert torch.equal(getattr(ds, key), expected[key]), key
+    assert (ds.num_classes, ds.in_channels, ds.image_size) == (3, channels, 8)
+    assert ds.classes == ("c0", "c1", "c2")
+    pixels = expected["train_x"].double() / 255
+    assert ds.mean == pytest.approx(pixels.mean(dim=(0, 2, 3)).tolist(), abs=1e-6)
+    assert ds.std == pytest.approx(pixels.std(dim=(0, 2, 3), correction=0).tolist(), abs=1e-6)
+
+
+def test_second_load_reads_the_cache_and_a_changed_folder_is_decoded_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "ds"
+    write_image_folder(folder)
+    load_dataset(f"folder:{folder}", data_dir=tmp_path / "cache")
+    decode = data_mod._decode_folder
+    calls = []
+    monkeypatch.setattr(data_mod, "_decode_folder", lambda path: calls.append(path) or decode(path))
+    again = load_dataset(f"folder:{folder}", data_dir=tmp_path / "cache")
+    assert calls == [] and len(again.train_x) == 36
+    (folder / "train" / "c0" / "0000.png").unlink()
+    changed = load_dataset(f"folder:{folder}", data_dir=tmp_path / "cache")
+    assert len(calls) == 1 and len(changed.train_x) == 35
+
+
+def test_real_cifar_folder_has_cifar10_shape_and_classes(cifar_folder: Path, data_dir: Path) -> None:
+    ds = load_dataset(f"folder:{cifar_folder}", data_dir=data_dir)
+    assert ds.train_x.shape == (50000, 3, 32, 32) and ds.test_x.shape == (10000, 3, 32, 32)
+    assert ds.classes[0] == "airplane" and ds.classes[-1] == "truck"
+    assert torch.equal(ds.train_y.bincount(), torch.full((10,), 5000))
+    assert ds.mean == pytest.approx((0.491, 0.482, 0.447), abs=0.005)  # CIFAR-10's own, JPEG aside
+
+
+@pytest.mark.parametrize("layout, message", [
+    ((), "does not exist"),
+    (("test",), "no train/"),
+    (("train",), "no test/"),
+])
+def test_bad_folder_is_a_user_error(tmp_path: Path, layout: tuple[str, ...], message: str) -> None:
+    folder = tmp_path / "ds"
+    if layout:
+        write_image_folder(folder, splits=layout)
+    with pytest.raises(UserError, match=message):
+        load_dataset(f"folder:{folder}", data_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("name", ["cifar10", "mnist"])
+def test_missing_download_without_network_is_a_user_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    def no_network(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    with pytest.raises(UserError, match=f"^{name} not found in .* could not be downloaded") as info:
+        load_dataset(name, data_dir=tmp_path)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("n, per_class", [(30, [10, 10, 10]), (31, [11, 10, 10]), (3, [1, 1, 1])])
+def test_subset_is_balanced(n: int, per_class: list[int]) -> None:
+    labels = torch.arange(3).repeat(50)
+    idx = balanced_subset(labels, n, torch.Generator().manual_seed(0))
+    assert len(idx) == len(set(idx.tolist())) == n
+    assert labels[idx].bincount().tolist() == per_class
+
+
+def test_subset_is_fixed_by_seed() -> None:
+    labels = torch.arange(10).repeat(100)
+    pick = lambda seed: balanced_subset(labels, 50, torch.Generator().manual_seed(seed))  # noqa: E731
+    assert torch.equal(pick(1), pick(1))
+    assert not torch.equal(pick(1), pick(2))
+
+
+def test_load_dataset_subsets(tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "ds", classes=3, train=12, test=6)
+    spec = f"folder:{tmp_path / 'ds'}"
+    a = load_dataset(spec, data_dir=tmp_path / "c", train_subset=9, test_subset=6, seed=4)
+    b = load_dataset(spec, data_dir=tmp_path / "c", train_subset=9, test_subset=6, seed=4)
+    assert a.train_y.bincount().tolist() == [3, 3, 3] and a.test_y.bincount().tolist() == [2, 2, 2]
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_x, b.test_x)
+    test_only = load_dataset(spec, data_dir=tmp_path / "c", test_subset=6, seed=4)
+    assert torch.equal(test_only.test_x, a.test_x)  # the test images do not depend on the training subset
+
+
+@pytest.mark.parametrize("n", [2, 37, 0])
+def test_impossible_subset_is_a_user_error(n: int) -> None:
+    labels = torch.arange(3).repeat(12)
+    with pytest.raises(UserError, match="train_subset"):
+        balanced_subset(labels, n, torch.Generator(), "train_subset")
+
+
+def _candidates(image: torch.Tensor, pad: int) -> list[torch.Tensor]:
+    """Every crop of the zero-padded image, each with and without a left-right mirror."""
+    c, h, w = image.shape
+    padded = torch.nn.functional.pad(image, (pad,) * 4)
+    crops = [padded[:, dy:dy + h, dx:dx + w] for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)]
+    return crops + [crop.flip(-1) for crop in crops]
+
+
+@pytest.mark.parametrize("augment, pad", [("crop-flip", CROP_PADDING), ("flip", 0)])
+def test_augmentation_is_a_real_crop_and_flip_in_unit_range(augment: str, pad: int) -> None:
+    x = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    y = torch.arange(64)
+    loader = DeviceLoader(x, y, 16, augment=augment, generator=torch.Generator().manual_seed(0))
+    out = torch.cat([images for images, _ in loader])
+    assert out.shape == (64, 3, 8, 8) and out.dtype == torch.float32
+    assert out.min() >= 0 and out.max() <= 1
+    crops, centre = (2 * pad + 1) ** 2, (2 * pad + 1) * pad + pad
+    shifted = flipped = 0
+    for original, augmented in zip(x.float() / 255, out):
+        matches = [i for i, cand in enumerate(_candidates(original, pad)) if torch.equal(cand, augmented)]
+        assert matches, "output is not a crop/flip of its input"
+        shifted += all(i % crops != centre for i in matches)
+        flipped += all(i >= crops for i in matches)
+    assert 12 < flipped < 52  # half of 64 images, give or take 5 standard deviations
+    assert shifted > 48 if pad else shifted == 0  # an unshifted crop is 1 of 81 outcomes
+
+
+def test_no_augmentation_is_identity_and_order_is_kept_without_shuffle() -> None:
+    x = torch.randint(0, 256, (10, 1, 4, 4), dtype=torch.uint8)
+    loader = DeviceLoader(x, torch.arange(10), 4)
+    batches = list(loader)
+    assert [len(b[1]) for b in batches] == [4, 4, 2]
+    assert torch.equal(torch.cat([b[0] for b in batches]), x.float() / 255)
+    assert torch.equal(torch.cat([b[1] for b in batches]), torch.arange(10))
+
+
+def test_shuffled_epochs_cover_each_item_once_and_replay_from_generator_state() -> None:
+    x = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(3)
+    loader = DeviceLoader(x, torch.arange(50), 8, augment="crop-flip", shuffle=True, drop_last=True, generator=gen)
+    state = gen.get_state()
+    first = list(loader)
+    assert len(first) == 6
+    labels = torch.cat([b[1] for b in first])
+    assert len(set(labels.tolist())) == 48
+    second = torch.cat([b[1] for b in loader])
+    assert not torch.equal(labels, second)
+    gen.set_state(state)
+    replay = list(loader)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, replay))
