@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import IO, Any
@@ -12,6 +11,7 @@ from typing import IO, Any
 import torch
 from torch import nn
 
+from rm_sweep.atomic import atomic_write_bytes
 from rm_sweep.errors import UserError
 from rm_sweep.models.registry import Classifier, ModelConfig, build
 
@@ -28,16 +28,7 @@ def checkpoint_bytes(model: Classifier, extra: dict[str, Any] | None = None) -> 
 
 def save_checkpoint(model: Classifier, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
     """Write ``model`` to ``path`` atomically (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(checkpoint_bytes(model, extra))
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, checkpoint_bytes(model, extra))
 
 
 def read_checkpoint(source: str | os.PathLike | IO[bytes]) -> dict[str, Any]:
