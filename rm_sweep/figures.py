@@ -1,0 +1,172 @@
+"""Fig. 14 from the store: clean accuracy and black-box defense rate against the shallow drop ratio.
+
+The paper's Fig. 14 shows, for ResNet-18 with Random Mask on the shallow blocks, how black-box
+defense (FGSM and PGD in Madry et al.'s setting, from a normally trained ResNet-18) rises with
+the drop ratio while clean accuracy falls. Here the points come from the store's rows only:
+``fig14_rows`` selects them, ``fig14_summary`` takes mean and standard deviation over seeds, and
+``draw_fig14`` draws them (and the paper's points, when asked) and returns what it drew.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from rm_sweep.errors import UserError
+from rm_sweep.spaces import MatrixCell, SearchSpace
+from rm_sweep.store import MATRIX_KEY, Store
+
+SETTINGS = ("madry_fgsm", "madry_pgd")
+METRICS = ("clean_accuracy", *SETTINGS)
+LABELS = {"clean_accuracy": "clean accuracy", "madry_fgsm": "FGSM defense (Madry, eps 8)",
+          "madry_pgd": "PGD defense (Madry, eps 8, 7 x 2)"}
+COLORS = {"clean_accuracy": "tab:green", "madry_fgsm": "tab:blue", "madry_pgd": "tab:red"}
+
+
+def fig14_cells(space: SearchSpace) -> list[MatrixCell]:
+    """The space's cells that Fig. 14 draws: black-box ``madry_fgsm`` / ``madry_pgd`` from a
+    normal ResNet-18 onto single ResNet-18s whose only mask is a random one on the shallow blocks
+    (deep masks, other variants, channel multipliers and ensembles are other figures')."""
+    specs = {m.model_id: m for m in space.models()}
+
+    def resnet(model_id: str) -> bool:
+        spec = specs[model_id]
+        return spec.arch == "resnet18" and spec.mask.deep_ratio == 0 and spec.mask.channel_multiplier == 1 \
+            and spec.mask.variant == "random"
+
+    return [c for c in space.cells if c.protocol == "black" and c.attack in SETTINGS and c.target_kind == "model"
+            and resnet(c.source_id) and specs[c.source_id].mask.shallow_ratio == 0 and resnet(c.target_id)]
+
+
+def fig14_rows(store: Store, space: SearchSpace) -> pd.DataFrame:
+    """One row per (source, target) pair of ``fig14_cells`` that the store holds, with the
+    target's clean accuracy and both defense rates, in percent.
+
+    Columns: ``source_id``, ``target_id``, ``shallow_ratio``, ``seed``, ``mask_seed``, ``width``,
+    ``clean_accuracy``, ``madry_fgsm``, ``madry_pgd`` (a rate is NaN if its cell is missing).
+    """
+    keys = {c.key() for c in fig14_cells(space)}
+    matrix = store.matrix()
+    in_figure = [tuple(k) in keys for k in matrix[list(MATRIX_KEY)].itertuples(index=False)]
+    matrix = matrix[pd.Series(in_figure, index=matrix.index, dtype=bool)]
+    if not len(matrix):
+        raise UserError(f"store {store.uri} holds no Fig. 14 cells of space {space.name}")
+    models = store.models().set_index("model_id")
+    rates = matrix.pivot_table(index=["source_id", "target_id"], columns="attack", values="defense_rate",
+                               aggfunc="first").reindex(columns=list(SETTINGS)) * 100
+    rates = rates.reset_index()
+    rates.columns.name = None
+    target = models.loc[rates["target_id"]]
+    rows = rates.assign(shallow_ratio=target["shallow_ratio"].to_numpy(), seed=target["seed"].to_numpy(),
+                        mask_seed=target["mask_seed"].to_numpy(), width=target["width"].to_numpy(),
+                        clean_accuracy=target["clean_accuracy"].to_numpy() * 100)
+    columns = ["source_id", "target_id", "shallow_ratio", "seed", "mask_seed", "width", *METRICS]
+    return rows[columns].sort_values(["shallow_ratio", "target_id", "source_id"], ignore_index=True)
+
+
+def fig14_summary(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sample standard deviation (0 for one value) per shallow ratio and metric.
+
+    Clean accuracy is averaged over distinct target models, defense rates over (source,
+    target) pairs. Columns: ``shallow_ratio``, ``metric``, ``mean``, ``std``, ``n``.
+    """
+    parts = []
+    for metric in METRICS:
+        values = rows.drop_duplicates("target_id") if metric == "clean_accuracy" else rows
+        values = values.dropna(subset=[metric])
+        grouped = values.groupby("shallow_ratio")[metric]
+        part = pd.DataFrame({"mean": grouped.mean(), "std": grouped.std(ddof=1).fillna(0.0), "n": grouped.size()})
+        parts.append(part.reset_index().assign(metric=metric))
+    summary = pd.concat(parts, ignore_index=True)
+    return summary[["shallow_ratio", "metric", "mean", "std", "n"]].sort_values(["metric", "shallow_ratio"],
+                                                                                ignore_index=True)
+
+
+def is_paper_setting(store: Store, rows: pd.DataFrame) -> bool:
+    """Whether the targets were trained as in the paper (full CIFAR-10, width 1, the paper's
+    recipe without changes), so that the paper's numbers are comparable."""
+    models = store.models().set_index("model_id").loc[rows["target_id"].unique()]
+    config = models["config"].map(json.loads)
+    cifar = models["dataset"].map(lambda d: d == "cifar10" or d.startswith("folder:cifar10"))
+    return bool((cifar & (models["width"] == 1.0) & models["train_subset"].isna() & (models["recipe"] == "paper")
+                 & config.map(lambda c: not c.get("recipe_overrides"))).all())
+
+
+def check_png_path(out: str | Path) -> Path:
+    """``out`` as a Path; a ``UserError`` unless it names a ``.png`` file."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"the figure must be a .png file (an .svg is written beside it), got {out}")
+    return out
+
+
+def draw_fig14(summary: pd.DataFrame, out: str | Path, *, paper: pd.DataFrame | None = None,
+               title: str = "") -> pd.DataFrame:
+    """Draw Fig. 14 as ``out`` (PNG) and the same name with ``.svg``.
+
+    Args:
+        summary: ``fig14_summary``'s frame (percentages).
+        out: the PNG path; its directory is created.
+        paper: the paper's points (``rm_sweep.paper_results.fig14_points()``) to overlay, or None.
+        title: the figure's title.
+
+    Returns:
+        The points as drawn, read back from the figure: columns ``panel`` (``defense`` or
+        ``accuracy``), ``series`` (metric, with ``paper:`` before the paper's), ``x``, ``y``,
+        ``yerr`` (NaN for the paper's points).
+    """
+    out = check_png_path(out)
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    defense_ax, accuracy_ax = figure.subplots(1, 2)
+    panels = {"defense": defense_ax, "accuracy": accuracy_ax}
+    for metric in METRICS:
+        panel = "accuracy" if metric == "clean_accuracy" else "defense"
+        data = summary[summary["metric"] == metric].sort_values("shallow_ratio")
+        if len(data):
+            panels[panel].errorbar(data["shallow_ratio"], data["mean"], yerr=data["std"], marker="o", capsize=3,
+                                   color=COLORS[metric], label=f"{LABELS[metric]} (this run)", gid=metric)
+        if paper is not None:
+            points = paper[paper["metric"] == metric].sort_values("shallow_ratio")
+            if len(points):
+                panels[panel].plot(points["shallow_ratio"], points["value"], linestyle="--", marker="s",
+                                   markerfacecolor="none", color=COLORS[metric], label=f"{LABELS[metric]} (paper)",
+                                   gid=f"paper:{metric}")
+    drawn = _drawn_points(panels)
+    for ax in panels.values():
+        ax.set_xlabel("shallow drop ratio")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    defense_ax.set_ylabel("black-box defense rate (%)")
+    defense_ax.set_title("defense against a normal ResNet-18's adversarials")
+    accuracy_ax.set_ylabel("clean test accuracy (%)")
+    accuracy_ax.set_title("clean accuracy")
+    if title:
+        figure.suptitle(title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=150)
+    figure.savefig(out.with_suffix(".svg"))
+    return drawn
+
+
+def _drawn_points(panels: dict[str, Any]) -> pd.DataFrame:
+    """Every point on the axes, read back from the artists: error-bar series (x, y, half the
+    bar's length) and the paper's dashed lines (no error)."""
+    points = []
+    for panel, ax in panels.items():
+        for container in ax.containers:  # errorbar: (data line, caps, (bar collection,))
+            line, _, (bars,) = container.lines
+            errors = [abs(top[1] - bottom[1]) / 2 for bottom, top in bars.get_segments()]
+            points += [{"panel": panel, "series": line.get_gid(), "x": float(x), "y": float(y), "yerr": float(e)}
+                       for x, y, e in zip(line.get_xdata(), line.get_ydata(), errors)]
+        for line in ax.get_lines():
+            if (line.get_gid() or "").startswith("paper:"):
+                points += [{"panel": panel, "series": line.get_gid(), "x": float(x), "y": float(y),
+                            "yerr": math.nan} for x, y in zip(line.get_xdata(), line.get_ydata())]
+    return pd.DataFrame(points, columns=["panel", "series", "x", "y", "yerr"])
+
+
+__all__ = ["METRICS", "SETTINGS", "check_png_path", "draw_fig14", "fig14_cells", "fig14_rows", "fig14_summary", "is_paper_setting"]

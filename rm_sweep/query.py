@@ -1,0 +1,370 @@
+"""Read the store: list its tables, filter one, pivot the matrix into the paper's layout, or run SQL.
+
+    python -m rm_sweep.query                                   # tables, rows, columns
+    python -m rm_sweep.query models --where shallow_ratio=0.7 --columns model_id,seed,clean_accuracy
+    python -m rm_sweep.query pivot --setting madry_pgd          # targets x sources, defense rate in %
+    python -m rm_sweep.query --sql "SELECT attack, AVG(defense_rate) FROM matrix GROUP BY attack"
+
+The same as Python, returning DataFrames::
+
+    from rm_sweep import query
+    query.table("store", "matrix", where=["attack=madry_pgd"])
+    query.pivot("store", "madry_pgd")
+    query.sql("store", "SELECT * FROM models WHERE clean_accuracy > 0.4")
+
+SQL runs in an in-memory SQLite database (Python's own ``sqlite3``, no extra dependency) holding
+the three tables; list columns (an ensemble's members) become JSON text and times ISO text.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import re
+import sqlite3
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+import pyarrow.fs as pafs
+
+from rm_sweep.errors import UserError, cli_main
+from rm_sweep.store import TABLES, Store, default_store_uri
+
+FORMATS = ("table", "csv", "markdown", "parquet")
+_CONDITION = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|!=|==|=|<|>)\s*(.*?)\s*$")
+_ARCH_NAMES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "densenet121": "DenseNet-121",
+               "senet18": "SENet-18", "vgg19": "VGG-19"}
+_VARIANT_TAGS = {"same": " SM", "channel": " DC"}  # the paper's names for the mask variants
+
+
+def _store(store: Store | str) -> Store:
+    return store if isinstance(store, Store) else Store(store)
+
+
+def tables(store: Store | str) -> pd.DataFrame:
+    """The store's tables: columns ``table``, ``rows``, ``columns`` (comma-separated names)."""
+    store = _store(store)
+    return pd.DataFrame([{"table": name, "rows": len(read(store, name)), "columns": ", ".join(schema.names)}
+                         for name, schema in TABLES.items()])
+
+
+def read(store: Store | str, name: str) -> pd.DataFrame:
+    """A whole table (``models``, ``matrix`` or ``ensembles``)."""
+    store = _store(store)
+    if name not in TABLES:
+        raise UserError(f"unknown table {name!r}; the store has {', '.join(TABLES)}")
+    return getattr(store, name)()
+
+
+def parse_condition(text: str) -> tuple[str, str, str]:
+    """``"col=value"`` (or ``!=, <, <=, >, >=``) -> (column, operator, value text)."""
+    match = _CONDITION.match(text)
+    if match is None:
+        raise UserError(f"--where {text!r}: expected COLUMN=VALUE (or !=, <, <=, >, >=)")
+    column, op, value = match.groups()
+    return column, "=" if op == "==" else op, value
+
+
+def _typed(series: pd.Series, value: str, column: str) -> Any:
+    """``value`` converted to the column's type."""
+    if value.lower() in ("null", "none"):
+        return None
+    if pd.api.types.is_bool_dtype(series):
+        if value.lower() not in ("true", "false"):
+            raise UserError(f"--where {column}: expected true or false, got {value!r}")
+        return value.lower() == "true"
+    if pd.api.types.is_numeric_dtype(series):
+        try:
+            return float(value)
+        except ValueError:
+            raise UserError(f"--where {column}: column is numeric, got {value!r}") from None
+    if pd.api.types.is_datetime64_any_dtype(series):
+        try:
+            return pd.Timestamp(value, tz="UTC") if pd.Timestamp(value).tzinfo is None else pd.Timestamp(value)
+        except ValueError:
+            raise UserError(f"--where {column}: expected a date/time, got {value!r}") from None
+    return value
+
+
+def filter_frame(frame: pd.DataFrame, where: Sequence[str]) -> pd.DataFrame:
+    """Rows of ``frame`` meeting every condition (``col=value``, ``col>=value``, ...; values
+    are read as the column's type; ``col=null`` matches missing values)."""
+    keep = pd.Series(True, index=frame.index)
+    for text in where:
+        column, op, raw = parse_condition(text)
+        if column not in frame.columns:
+            raise UserError(f"--where {text!r}: no column {column!r}; columns: {', '.join(frame.columns)}")
+        series = frame[column]
+        value = _typed(series, raw, column)
+        if value is None:
+            if op not in ("=", "!="):
+                raise UserError(f"--where {text!r}: null only works with = and !=")
+            test = series.isna()
+            keep &= test if op == "=" else ~test
+            continue
+        ops = {"=": series.eq, "!=": series.ne, "<": series.lt, "<=": series.le, ">": series.gt, ">=": series.ge}
+        if isinstance(value, float) and op in ("=", "!="):
+            # Ratios are stored as floats: 0.7 must find 0.7 whatever its last bit.
+            close = (series - value).abs() <= 1e-9 * max(1.0, abs(value))
+            keep &= close if op == "=" else ~close
+        else:
+            keep &= ops[op](value)
+    return frame[keep.to_numpy()]
+
+
+def table(store: Store | str, name: str, where: Sequence[str] = (), columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Table ``name`` filtered by ``where`` (see ``filter_frame``), optionally only ``columns``."""
+    frame = filter_frame(read(store, name), where)
+    if columns:
+        unknown = [c for c in columns if c not in frame.columns]
+        if unknown:
+            raise UserError(f"no column {unknown[0]!r} in {name}; columns: {', '.join(frame.columns)}")
+        frame = frame[list(columns)]
+    return frame.reset_index(drop=True)
+
+
+def model_label(row: pd.Series | dict, *, ensemble: bool = False) -> str:
+    """The paper's name for a model: ``Normal ResNet-18``, ``ResNet-18 0.7-Shallow``,
+    ``ResNet-18 0.5-Shallow, 0.5-Deep SM``, ``... x2``, ``... EN`` (an ensemble)."""
+    arch = _ARCH_NAMES.get(row["architecture"], row["architecture"])
+    parts = []
+    if row["shallow_ratio"]:
+        parts.append(f"{row['shallow_ratio']:g}-Shallow")
+    if row["deep_ratio"]:
+        parts.append(f"{row['deep_ratio']:g}-Deep")
+    if not parts:
+        label = f"Normal {arch}"
+    else:
+        label = f"{arch} {', '.join(parts)}{_VARIANT_TAGS.get(row['variant'], '')}"
+        multiplier = row["channel_multiplier"]
+        if multiplier != 1:
+            label += f" x{multiplier:g}"
+    return label + (" EN" if ensemble else "")
+
+
+def _labels(store: Store) -> dict[str, str]:
+    """Model and ensemble id -> paper label; labels that several ids share get the width, seed
+    or mask seed that tells them apart, and the id's first digits if still shared."""
+    base: dict[str, str] = {}
+    qualifiers: dict[str, dict[str, str]] = {}
+    for r in store.models().to_dict("records"):
+        base[r["model_id"]] = model_label(r)
+        qualifiers[r["model_id"]] = {"width": f"width {r['width']:g}", "seed": f"seed {r['seed']}",
+                                     "mask": f"mask seed {r['mask_seed']}"}
+    for r in store.ensembles().to_dict("records"):
+        base[r["ensemble_id"]] = model_label(r, ensemble=True)
+        qualifiers[r["ensemble_id"]] = {}
+    groups = defaultdict(list)
+    for i, label in base.items():
+        groups[label].append(i)
+    labels = {}
+    for label, ids in groups.items():
+        differing = [k for k in ("width", "seed", "mask") if len({qualifiers[i].get(k) for i in ids}) > 1]
+        for i in ids:
+            extra = ", ".join(qualifiers[i][k] for k in differing if k in qualifiers[i])
+            labels[i] = f"{label} ({extra})" if extra else label
+    counts = Counter(labels.values())
+    return {i: f"{label} [{i[:6]}]" if counts[label] > 1 else label for i, label in labels.items()}
+
+
+def _order(store: Store) -> dict[str, tuple]:
+    """Sort key per id: architecture, normal first, shallow, deep, variant, multiplier, ensembles last."""
+    frames = [(store.models(), False, "model_id"), (store.ensembles(), True, "ensemble_id")]
+    keys = {}
+    for frame, ensemble, id_column in frames:
+        for r in frame.to_dict("records"):
+            keys[r[id_column]] = (r["architecture"], ensemble, r["shallow_ratio"], r["deep_ratio"], r["variant"],
+                                  r["channel_multiplier"], r.get("seed", 0), r.get("mask_seed", 0))
+    return keys
+
+
+def pivot(store: Store | str, setting: str, *, protocol: str = "black", value: str = "defense_rate",
+          where: Sequence[str] = (), ids: bool = False) -> pd.DataFrame:
+    """The matrix for one attack setting in the paper's layout: one row per target, one column
+    per source, values in percent (``defense_rate``) or counts, plus the target's clean accuracy
+    in percent (``Acc``; blank for ensembles) as the paper's last column.
+
+    Args:
+        setting: the ``attack`` column's value (``madry_pgd``, ``pgd16``, ``noise``, ...).
+        protocol: ``black``, ``gray``, ``white``, ``noise`` or ``shuffle``.
+        value: ``defense_rate`` (shown in %) or a count column (``n_defended``, ``n_evaluated``, ...).
+        where: further conditions on matrix columns (e.g. ``limit=1000``).
+        ids: label rows and columns by id instead of the paper's names.
+    """
+    store = _store(store)
+    matrix = filter_frame(store.matrix(), [f"attack={setting}", f"protocol={protocol}", *where])
+    if value not in matrix.columns:
+        raise UserError(f"unknown value column {value!r}; use defense_rate or a count column")
+    if not len(matrix):
+        raise UserError(f"the store has no {protocol} cells for {setting}{' with ' + ' '.join(where) if where else ''}")
+    columns = "source_id" if protocol in ("black", "gray", "white") else "attack_params"
+    duplicated = matrix.duplicated(["target_id", columns], keep=False)
+    if duplicated.any():
+        example = matrix[duplicated].iloc[0]
+        raise UserError(f"several {setting} cells for target {example['target_id']} and {columns} "
+                        f"{example[columns]} (different limits or parameters); narrow with --where limit=N")
+    grid = matrix.pivot(index="target_id", columns=columns, values=value).astype(float)
+    if value == "defense_rate":
+        grid = grid * 100
+    models = store.models().set_index("model_id")
+    grid["Acc"] = [models["clean_accuracy"].get(t, math.nan) * 100 for t in grid.index]
+    order = _order(store)
+    rows = sorted(grid.index, key=lambda i: order.get(i, ("~",)))
+    cols = sorted((c for c in grid.columns if c != "Acc"), key=lambda c: order.get(c, ("~", c)))
+    grid = grid.loc[rows, [*cols, "Acc"]]
+    if not ids:
+        labels = _labels(store)
+        if columns == "attack_params":
+            grid.columns = [_params_label(c) if c != "Acc" else c for c in grid.columns]
+        else:
+            grid.columns = [f"from {labels.get(c, c)}" if c != "Acc" else c for c in grid.columns]
+        grid.index = [labels.get(i, i) for i in grid.index]
+    grid.index.name = "target"
+    grid.columns.name = None
+    return grid.round(2)
+
+
+def _params_label(params: str) -> str:
+    """``{"sigma_255": 8}`` -> ``sigma 8/255``; ``{"patches": 4}`` -> ``4x4 patches``."""
+    d = json.loads(params)
+    if "sigma_255" in d:
+        return f"sigma {d['sigma_255']:g}/255"
+    if "patches" in d:
+        return f"{d['patches']}x{d['patches']} patches"
+    return params
+
+
+def sql(store: Store | str, query: str) -> pd.DataFrame:
+    """Run a SQLite ``query`` over the tables ``models``, ``matrix`` and ``ensembles``."""
+    store = _store(store)
+    connection = sqlite3.connect(":memory:")
+    try:
+        for name in TABLES:
+            frame = read(store, name).copy()
+            for column in frame.columns:
+                if pd.api.types.is_datetime64_any_dtype(frame[column]):
+                    frame[column] = frame[column].map(lambda t: t.isoformat() if pd.notna(t) else None)
+                elif frame[column].map(lambda v: isinstance(v, (list, tuple)) or hasattr(v, "tolist")).any():
+                    frame[column] = frame[column].map(lambda v: json.dumps(list(v)) if v is not None else None)
+            frame.to_sql(name, connection, index=False)
+        try:
+            cursor = connection.execute(query)
+        except sqlite3.Error as exc:
+            raise UserError(f"SQL: {str(exc).splitlines()[0]}") from None
+        columns = [d[0] for d in cursor.description or ()]
+        return pd.DataFrame(cursor.fetchall(), columns=columns)
+    finally:
+        connection.close()
+
+
+def to_markdown(frame: pd.DataFrame, *, index: bool = False) -> str:
+    """A GitHub-style Markdown table (numbers right-aligned; no ``tabulate`` needed)."""
+    if index:
+        frame = frame.reset_index()
+    cells = [[_cell(v) for v in row] for row in frame.itertuples(index=False)]
+    header = [str(c) for c in frame.columns]
+    numeric = [pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])
+               for c in frame.columns]
+    widths = [max([len(h), 3, *(len(r[i]) for r in cells)]) for i, h in enumerate(header)]
+
+    def line(values: list[str]) -> str:
+        return "| " + " | ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if n else ("-" * (w + 2)) for w, n in zip(widths, numeric)) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in cells)])
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value).replace("|", "\\|")
+
+
+def write(frame: pd.DataFrame, fmt: str, out: str | None, *, index: bool = False) -> None:
+    """Print ``frame`` as ``fmt`` to stdout, or write it to ``out``; Parquet needs ``out`` or a
+    stdout that is not a terminal."""
+    if fmt == "parquet":
+        buffer = io.BytesIO()
+        (frame if index else frame.reset_index(drop=True)).to_parquet(buffer, index=index)
+        if out:
+            Path(out).write_bytes(buffer.getvalue())
+        elif sys.stdout.isatty():
+            raise UserError("--format parquet writes binary: give --out FILE or redirect stdout")
+        else:
+            sys.stdout.buffer.write(buffer.getvalue())
+            sys.stdout.flush()
+        return
+    if fmt == "csv":
+        text = frame.to_csv(index=index)
+    elif fmt == "markdown":
+        text = to_markdown(frame, index=index) + "\n"
+    else:
+        with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 200,
+                               "display.max_colwidth", 60):
+            text = (frame.to_string(index=index) if len(frame) else "(no rows)") + "\n"
+    if out:
+        Path(out).write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m rm_sweep.query",
+        description="Read the store. Without arguments: list its tables. TABLE: print a table (filtered with "
+                    "--where). pivot --setting S: the matrix for one attack setting as targets x sources, the "
+                    "paper's layout. --sql: a SQLite query over models, matrix and ensembles.",
+        epilog="examples: models --where shallow_ratio=0.9 --columns model_id,seed,clean_accuracy | "
+               "pivot --setting madry_pgd --format markdown | "
+               "--sql \"SELECT attack, AVG(defense_rate) FROM matrix GROUP BY attack\"")
+    parser.add_argument("what", nargs="?", choices=[*TABLES, "pivot"], help="a table, or pivot")
+    parser.add_argument("--store", default=default_store_uri(),
+                        help="store directory or s3:// URI (default: $RM_SWEEP_STORE or ./store)")
+    parser.add_argument("--where", action="append", default=[], metavar="COL=VALUE",
+                        help="keep rows where COL=VALUE (also !=, <, <=, >, >=); repeat to combine")
+    parser.add_argument("--columns", default=None, help="comma-separated columns to show (tables only)")
+    parser.add_argument("--setting", default=None, help="pivot: the attack setting (madry_pgd, pgd16, noise, ...)")
+    parser.add_argument("--protocol", default="black", help="pivot: black, gray, white, noise or shuffle (default black)")
+    parser.add_argument("--value", default="defense_rate", help="pivot: defense_rate (%%) or a count column")
+    parser.add_argument("--ids", action="store_true", help="pivot: label rows and columns by id")
+    parser.add_argument("--sql", default=None, help="a SQLite query over the tables models, matrix, ensembles")
+    parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: an aligned table)")
+    parser.add_argument("--out", default=None, help="write to this file instead of stdout")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    store = Store(args.store)
+    if store.filesystem.get_file_info(store.path()).type == pafs.FileType.NotFound:
+        raise UserError(f"no store at {args.store} (run python -m rm_sweep.tradeoff or rm_sweep.sweep first)")
+    if args.sql is not None:
+        if args.what is not None:
+            raise UserError("--sql takes no table or pivot argument")
+        write(sql(store, args.sql), args.format, args.out)
+    elif args.what == "pivot":
+        if not args.setting:
+            raise UserError("pivot needs --setting (e.g. --setting madry_pgd)")
+        grid = pivot(store, args.setting, protocol=args.protocol, value=args.value, where=args.where, ids=args.ids)
+        write(grid, args.format, args.out, index=True)
+    elif args.what is not None:
+        columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
+        write(table(store, args.what, args.where, columns), args.format, args.out)
+    elif args.format == "table" and not args.out:
+        for row in tables(store).itertuples():
+            print(f"{row.table} ({row.rows} rows): {row.columns}")
+    else:
+        write(tables(store), args.format, args.out)
+    return 0
+
+
+__all__ = ["filter_frame", "model_label", "pivot", "read", "sql", "table", "tables", "to_markdown", "write"]
+
+if __name__ == "__main__":
+    cli_main(main)

@@ -1,0 +1,190 @@
+"""The attack matrix on Ray: crafted once per (source, setting), served to every target by an actor
+pool, equal cell for cell to the same protocols run in one process, complete despite a dead actor.
+
+Tiny ResNet-18s on a toy data set (tests/tinystore.py), a local Ray instance with 2 CPUs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+from rm_sweep.errors import UserError
+from rm_sweep.matrix import complete, matrix_images, missing_cells
+from rm_sweep.orchestration.matrix import MatrixOptions, plan, ray_session, run_matrix, shard_targets
+from rm_sweep.spaces import SearchSpace
+from rm_sweep.store import MATRIX_KEY, Store
+from tinystore import build, reference_counts
+
+pytestmark = pytest.mark.ray
+
+# Two normal sources, three targets: a normal model, a 0.5-Shallow model and a five-mask ensemble.
+MODELS = [
+    {"name": "sources", "seed": [0, 3]},
+    {"name": "normal", "seed": 1},
+    {"name": "shallow", "shallow_ratio": 0.5, "seed": 1},
+    {"name": "ensemble", "shallow_ratio": 0.5, "seed": 2, "ensemble": 5},
+]
+MATRIX = [
+    {"sources": ["sources"], "targets": ["normal", "shallow", "ensemble"], "attacks": ["madry_fgsm", "madry_pgd"],
+     "protocols": ["black"]},
+    {"targets": ["sources"], "attacks": ["madry_pgd"], "protocols": ["white"]},
+    {"targets": ["normal", "ensemble"], "protocols": ["noise", "shuffle"], "sigmas": [16], "patches": [2]},
+]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    with ray_session(num_cpus=2):
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[SearchSpace, Store, Path]:
+    root = tmp_path_factory.mktemp("matrix")
+    space, store = build(root, root / "data", MODELS, MATRIX)
+    return space, store, root / "data"
+
+
+@pytest.fixture(scope="module")
+def reference(tiny: tuple[SearchSpace, Store, Path]) -> dict[tuple, object]:
+    space, store, data_dir = tiny
+    images, labels = matrix_images(space, data_dir)
+    return reference_counts(space, store, list(space.cells), images, labels)
+
+
+def _fresh_store(store: Store, root: Path) -> Store:
+    """A copy of ``store`` with its models and ensembles but no matrix rows."""
+    shutil.copytree(store.path(), root, ignore=shutil.ignore_patterns("matrix"))
+    return Store(root)
+
+
+def _row_key(row: dict) -> tuple:
+    """A row's cell key; pandas reads a missing source (noise, shuffle) as NaN, cells hold None."""
+    return tuple(None if c == "source_id" and not isinstance(row[c], str) else row[c] for c in MATRIX_KEY)
+
+
+def _assert_matches(store: Store, space: SearchSpace, reference: dict) -> None:
+    rows = store.matrix().to_dict("records")
+    keys = [_row_key(r) for r in rows]
+    assert len(keys) == len(set(keys)) == len(space.cells)  # every cell once
+    assert set(keys) == {c.key() for c in space.cells}
+    for row in rows:
+        expected = reference[_row_key(row)]
+        got = (row["n_crafted"], row["n_fooled_source"] if row["protocol"] not in ("noise", "shuffle") else None,
+               row["n_evaluated"], row["n_defended"])
+        assert got == (expected.n_crafted, expected.n_fooled_source, expected.n_evaluated, expected.n_defended), row
+
+
+def test_space_has_the_cells_this_file_tests(tiny: tuple[SearchSpace, Store, Path]) -> None:
+    space, _, _ = tiny
+    protocols = [c.protocol for c in space.cells]
+    # 2 sources x 3 targets x 2 settings black, 2 white, 2 targets x (1 sigma + 1 grid).
+    assert (protocols.count("black"), protocols.count("white"), protocols.count("noise"),
+            protocols.count("shuffle")) == (12, 2, 2, 2)
+    assert sum(c.target_kind == "ensemble" for c in space.cells) == 2 * 2 + 2
+
+
+def test_matrix_equals_in_process_counts_and_crafts_once_per_source_and_setting(
+        ray_cluster: None, tiny: tuple[SearchSpace, Store, Path], reference: dict, tmp_path: Path) -> None:
+    space, built, data_dir = tiny
+    store = _fresh_store(built, tmp_path / "store")
+    done = complete(space, store, data_dir=data_dir, progress=False)
+    report = done.matrix
+    assert done.models_trained == 0 and report.cells == len(space.cells)
+    _assert_matches(store, space, reference)
+    # Cost: one crafting run per (source, setting) - the white cells reuse the madry_pgd sets -
+    # and at most one forward pass per (set, target) plus one clean pass per target and image.
+    assert report.crafts == 2 * 2
+    black = store.matrix().query("protocol == 'black'")
+    n_images = len(matrix_images(space, data_dir)[1])
+    targets = black["target_id"].nunique()
+    perturbed = store.matrix().query("protocol in ['noise', 'shuffle']")["n_crafted"].sum()
+    assert report.forward_images <= black["n_fooled_source"].sum() + perturbed + targets * n_images
+
+
+def test_rerun_adds_no_rows_and_starts_nothing(
+        ray_cluster: None, tiny: tuple[SearchSpace, Store, Path], tmp_path: Path) -> None:
+    space, built, data_dir = tiny
+    store = _fresh_store(built, tmp_path / "store")
+    first = complete(space, store, data_dir=data_dir, progress=False)
+    files = sorted(Path(store.path("matrix")).iterdir())
+    again = complete(space, store, data_dir=data_dir, progress=False)
+    assert first.matrix.cells == len(space.cells)
+    assert again.matrix is None and not again.started_ray
+    assert sorted(Path(store.path("matrix")).iterdir()) == files
+    assert missing_cells(space, store) == []
+
+
+@pytest.mark.parametrize("actors", [1, 2])
+def test_a_killed_actor_is_replaced_and_every_cell_lands_once(
+        ray_cluster: None, tiny: tuple[SearchSpace, Store, Path], reference: dict, tmp_path: Path, actors: int) -> None:
+    space, built, data_dir = tiny
+    store = _fresh_store(built, tmp_path / "store")
+    fault = tmp_path / "crash-once"
+    fault.touch()  # the first shard actor to receive work exits its process (os._exit) mid-run
+    images, labels = matrix_images(space, data_dir)
+    ensembles = {e.ensemble_id: e.member_ids for e in space.ensembles()}
+    options = MatrixOptions(actors=actors, cpus_per_actor=0.5, fault_file=str(fault))
+    report = run_matrix(list(space.cells), store, images, labels, ensembles, options, progress=False)
+    assert not fault.exists()  # the crash happened
+    assert report.actors == actors and report.cells == len(space.cells)
+    _assert_matches(store, space, reference)
+
+
+def test_missing_models_are_named_before_anything_runs(
+        ray_cluster: None, tiny: tuple[SearchSpace, Store, Path], tmp_path: Path) -> None:
+    space, built, data_dir = tiny
+    store = _fresh_store(built, tmp_path / "store")
+    (victim,) = [m for m in space.models() if m.seed == 1 and m.mask.shallow_ratio == 0]
+    Path(store.path("models", f"{victim.model_id}.parquet")).unlink()
+    images, labels = matrix_images(space, data_dir)
+    with pytest.raises(UserError, match=victim.model_id):
+        run_matrix(list(space.cells), store, images, labels, {e.ensemble_id: e.member_ids for e in space.ensembles()},
+                   progress=False)
+    assert store.matrix().empty
+
+
+def test_too_many_actors_for_the_cluster_is_a_user_error(
+        ray_cluster: None, tiny: tuple[SearchSpace, Store, Path], tmp_path: Path) -> None:
+    space, built, data_dir = tiny
+    store = _fresh_store(built, tmp_path / "store")
+    images, labels = matrix_images(space, data_dir)
+    with pytest.raises(UserError, match="leave no room"):
+        run_matrix(list(space.cells), store, images, labels, {e.ensemble_id: e.member_ids for e in space.ensembles()},
+                   MatrixOptions(actors=2, cpus_per_actor=1.0), progress=False)
+
+
+# -- planning, without Ray ---------------------------------------------------------------------
+def test_plan_crafts_once_per_source_setting_and_limit(tiny: tuple[SearchSpace, Store, Path]) -> None:
+    space, _, _ = tiny
+    crafts, perturbs = plan(space.cells)
+    assert sorted((j.source_id, j.setting.name) for j in crafts) == sorted(
+        {(c.source_id, c.attack) for c in space.cells if c.source_id is not None})
+    assert sum(len(j.cells) for j in crafts) + sum(len(j.cells) for j in perturbs) == len(space.cells)
+    assert sorted((j.protocol, j.value) for j in perturbs) == [("noise", 16), ("shuffle", 2)]
+    # A changed limit is another crafting run: sets of different limits are different facts.
+    more = [dataclasses.replace(c, limit=c.limit + 1) for c in space.cells if c.protocol == "black"]
+    assert len(plan([*space.cells, *more])[0]) == 2 * len(crafts)
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3, 5])
+def test_shards_hold_every_target_once_and_balance_members(shards: int) -> None:
+    targets = {"ens_a": ["a1", "a2", "a3", "a4", "a5"], "m1": ["m1"], "m2": ["m2"], "m3": ["m3"], "ens_b": list("vwxyz")}
+    groups = shard_targets(targets, shards)
+    assert len(groups) == min(shards, len(targets)) and all(groups)
+    held = [t for g in groups for t in g]
+    assert sorted(held) == sorted(targets)
+    loads = [sum(len(m) for m in g.values()) for g in groups]
+    assert max(loads) - min(loads) <= 5  # no shard carries more than one ensemble beyond another
+
+
+def test_images_are_the_models_test_split(tiny: tuple[SearchSpace, Store, Path]) -> None:
+    space, store, data_dir = tiny
+    images, labels = matrix_images(space, data_dir)
+    assert images.dtype == torch.uint8 and images.shape == (100, 3, 16, 16)
+    assert torch.bincount(labels).tolist() == [25] * 4

@@ -1,0 +1,181 @@
+"""Queries of a store built by hand (untrained models, matrix rows with chosen counts): listing,
+filters, the paper's pivot layout, the output formats and SQL, in Python and on the command line."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from rm_sweep import query
+from rm_sweep.data import load_dataset
+from rm_sweep.errors import cli_main
+from rm_sweep.masks import MaskConfig
+from rm_sweep.spec import EnsembleSpec, ModelSpec, canonical_json
+from rm_sweep.store import Store
+from tinystore import write_tinted_folder
+
+PGD = {"attack": "pgd", "eps_255": 8, "step_255": 2, "steps": 7, "random_start": False, "quantise": True}
+
+
+@pytest.fixture(scope="module")
+def known(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two normal sources (seeds 0, 3), targets: normal (seed 1), 0.7-Shallow, 0.5-Shallow SM, a
+    2-member 0.5-Shallow ensemble; madry_pgd black cells with n_defended = 10 * (target number + 1)
+    + source number of 100 evaluated, and one noise cell."""
+    root = tmp_path_factory.mktemp("query")
+    folder = write_tinted_folder(root / "tinted", train=4, test=2)
+    data = load_dataset(f"folder:{folder}", data_dir=root / "data")
+
+    def spec(train_seed: int, **mask: object) -> ModelSpec:
+        return ModelSpec("resnet18", f"folder:{folder}", width=0.125, seed=train_seed, mask=MaskConfig(**mask),
+                         recipe="quick")
+
+    sources = [spec(0), spec(3)]
+    targets = [spec(1), spec(1, shallow_ratio=0.7), spec(1, shallow_ratio=0.5, variant="same")]
+    members = tuple(spec(1, shallow_ratio=0.5, seed=mask_seed) for mask_seed in (0, 1))
+    store = Store(root / "store")
+    accuracy = {}
+    for i, s in enumerate([*sources, *targets, *members]):
+        accuracy[s.model_id] = 0.5 + i / 100
+        store.add_model(s, {"clean_accuracy": accuracy[s.model_id], "epochs": 1}, s.create(data))
+    ensemble = EnsembleSpec(members)
+    store.add_ensemble(ensemble)
+    target_ids = [*(t.model_id for t in targets), ensemble.ensemble_id]
+    rows = []
+    for j, source in enumerate(sources):
+        for i, target in enumerate(target_ids):
+            rows.append({"protocol": "black", "source_id": source.model_id, "target_id": target,
+                         "target_kind": "ensemble" if target == ensemble.ensemble_id else "model",
+                         "attack": "madry_pgd", "attack_params": canonical_json(PGD), "limit": 1000,
+                         "n_crafted": 200, "n_fooled_source": 150, "n_evaluated": 100,
+                         "n_defended": 10 * (i + 1) + j, "defense_rate": (10 * (i + 1) + j) / 100})
+    rows.append({"protocol": "noise", "source_id": None, "target_id": targets[0].model_id, "target_kind": "model",
+                 "attack": "noise", "attack_params": canonical_json({"sigma_255": 8}), "limit": 1000,
+                 "n_crafted": 1000, "n_fooled_source": None, "n_evaluated": 500, "n_defended": 450,
+                 "defense_rate": 0.9})
+    assert store.add_matrix(rows) == 9
+    return {"store": store, "sources": sources, "targets": targets, "ensemble": ensemble, "accuracy": accuracy}
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(query.main, argv)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def test_listing_counts_every_table(known: dict, capsys: pytest.CaptureFixture) -> None:
+    listing = query.tables(known["store"])
+    assert dict(zip(listing["table"], listing["rows"])) == {"models": 7, "matrix": 9, "ensembles": 1}
+    code, out, _ = _run(["--store", known["store"].uri], capsys)
+    assert code == 0 and out.splitlines()[1].startswith("matrix (9 rows): protocol, source_id, target_id")
+
+
+@pytest.mark.parametrize("where, expected", [
+    (["shallow_ratio=0.7"], 1),
+    (["shallow_ratio=0.5"], 3),  # the SM model and both ensemble members
+    (["shallow_ratio=0.5", "variant=same"], 1),
+    (["seed>=1", "shallow_ratio=0"], 2),  # the normal target and the seed-3 source
+    (["seed!=1"], 2),
+    (["clean_accuracy>0.55"], 1),  # accuracies are 0.50 ... 0.56 in order of adding
+])
+def test_where_filters_models_by_typed_values(known: dict, where: list[str], expected: int) -> None:
+    assert len(query.table(known["store"], "models", where)) == expected
+
+
+def test_where_null_matches_missing_sources(known: dict) -> None:
+    noise = query.table(known["store"], "matrix", ["source_id=null"], columns=["attack", "defense_rate"])
+    assert noise.to_dict("records") == [{"attack": "noise", "defense_rate": 0.9}]
+
+
+def test_pivot_is_the_papers_layout(known: dict) -> None:
+    grid = query.pivot(known["store"], "madry_pgd")
+    assert grid.index.tolist() == ["Normal ResNet-18 (seed 1)", "ResNet-18 0.5-Shallow SM", "ResNet-18 0.7-Shallow",
+                                   "ResNet-18 0.5-Shallow EN"]
+    assert grid.columns.tolist() == ["from Normal ResNet-18 (seed 0)", "from Normal ResNet-18 (seed 3)", "Acc"]
+    # n_defended = 10 * (target number + 1) + source number, of 100: the rate in percent.
+    assert grid.iloc[:, 0].tolist() == [10.0, 30.0, 20.0, 40.0]
+    assert grid.iloc[:, 1].tolist() == [11.0, 31.0, 21.0, 41.0]
+    accuracy = known["accuracy"]
+    normal, shallow07, same = (t.model_id for t in known["targets"])
+    assert grid["Acc"].tolist()[:3] == pytest.approx([accuracy[normal] * 100, accuracy[same] * 100,
+                                                       accuracy[shallow07] * 100])
+    assert pd.isna(grid["Acc"].iloc[3])  # an ensemble has no single clean accuracy row
+
+
+def test_pivot_by_ids_and_counts(known: dict) -> None:
+    grid = query.pivot(known["store"], "madry_pgd", value="n_defended", ids=True)
+    source = known["sources"][1].model_id
+    assert grid.loc[known["ensemble"].ensemble_id, source] == 41
+
+
+def test_pivot_of_noise_has_one_column_per_level(known: dict) -> None:
+    grid = query.pivot(known["store"], "noise", protocol="noise")
+    assert grid.columns.tolist() == ["sigma 8/255", "Acc"] and grid.iloc[0, 0] == 90.0
+
+
+@pytest.mark.parametrize("fmt", ["csv", "markdown", "table"])
+def test_cli_pivot_formats_show_the_same_numbers(known: dict, capsys: pytest.CaptureFixture, fmt: str) -> None:
+    code, out, _ = _run(["--store", known["store"].uri, "pivot", "--setting", "madry_pgd", "--format", fmt], capsys)
+    assert code == 0
+    if fmt == "csv":
+        back = pd.read_csv(io.StringIO(out), index_col=0)
+        grid = query.pivot(known["store"], "madry_pgd")
+        assert back.index.tolist() == grid.index.tolist()
+        assert back.iloc[:, :2].values.tolist() == grid.iloc[:, :2].values.tolist()
+    elif fmt == "markdown":
+        lines = out.splitlines()
+        assert lines[0].startswith("| target ") and set(lines[1]) <= {"|", "-", ":"}
+        assert [c.strip() for c in lines[2].split("|")[1:4]] == ["Normal ResNet-18 (seed 1)", "10", "11"]
+    else:
+        assert "ResNet-18 0.5-Shallow EN" in out and "41.0" in out
+
+
+def test_markdown_is_exact() -> None:
+    frame = pd.DataFrame({"name": ["a", "bb"], "rate": [1.5, float("nan")]})
+    assert query.to_markdown(frame) == "| name | rate |\n|------|-----:|\n| a    |  1.5 |\n| bb   |      |"
+
+
+def test_cli_parquet_round_trips(known: dict, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    out = tmp_path / "models.parquet"
+    code, _, _ = _run(["--store", known["store"].uri, "models", "--where", "seed=1", "--format", "parquet",
+                       "--out", str(out)], capsys)
+    assert code == 0
+    back = pd.read_parquet(out)
+    assert sorted(back["model_id"]) == sorted(query.table(known["store"], "models", ["seed=1"])["model_id"])
+
+
+def test_sql_over_all_tables(known: dict, capsys: pytest.CaptureFixture) -> None:
+    frame = query.sql(known["store"], "SELECT target_kind, SUM(n_defended) AS defended FROM matrix "
+                                      "WHERE protocol = 'black' GROUP BY target_kind ORDER BY target_kind")
+    assert frame.to_dict("records") == [{"target_kind": "ensemble", "defended": 81},
+                                        {"target_kind": "model", "defended": 10 + 11 + 20 + 21 + 30 + 31}]
+    members = query.sql(known["store"], "SELECT members FROM ensembles")["members"].iloc[0]
+    assert sorted(pd.read_json(io.StringIO(members), typ="series")) == known["ensemble"].member_ids
+    code, out, _ = _run(["--store", known["store"].uri, "--sql", "SELECT COUNT(*) AS n FROM models",
+                         "--format", "csv"], capsys)
+    assert (code, out) == (0, "n\n7\n")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["widgets"], "invalid choice"),
+    (["models", "--where", "colour=red"], "no column 'colour'"),
+    (["models", "--where", "seed=abc"], "column is numeric"),
+    (["models", "--where", "seed~1"], "expected COLUMN=VALUE"),
+    (["pivot"], "pivot needs --setting"),
+    (["pivot", "--setting", "cw40"], "no black cells for cw40"),
+    (["--sql", "SELECT nope FROM models"], "SQL: no such column"),
+    (["models", "--format", "parquet"], "binary"),
+])
+def test_bad_queries_exit_2_naming_the_problem(known: dict, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+                                        argv: list[str], message: str) -> None:
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    code, _, err = _run(["--store", known["store"].uri, *argv], capsys)
+    assert code == 2 and message in err.strip().splitlines()[-1]
+
+
+def test_missing_store_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _, err = _run(["--store", str(tmp_path / "nowhere")], capsys)
+    assert code == 2 and err.startswith("error: no store at")

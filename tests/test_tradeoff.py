@@ -1,0 +1,167 @@
+"""Fig. 14 from the store: the figure is a valid PNG (and SVG) whose points are the stored rows'
+means and standard deviations; the table and the paper's overlay say what the figure shows.
+
+The store is built by hand (tiny models trained in-process, cells computed with
+rm_sweep.evaluate): nothing is missing, so the command starts no Ray. The end-to-end run (sweep,
+matrix, figure, then a rerun from the store) is the slow test at the end.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import matplotlib.image
+import pandas as pd
+import pytest
+
+from rm_sweep import tradeoff
+from rm_sweep.figures import draw_fig14, fig14_rows, fig14_summary, is_paper_setting
+from rm_sweep.matrix import matrix_images
+from rm_sweep.paper_results import fig14_points, read_table, tables8_12
+from rm_sweep.spaces import SearchSpace
+from rm_sweep.store import Store
+from tinystore import build, reference_counts, space_file, write_tinted_folder
+
+MODELS = [
+    {"name": "source", "seed": 0},
+    {"name": "normal", "seed": [1, 2]},
+    {"name": "shallow", "shallow_ratio": [0.5, 0.9], "seed": [1, 2]},
+    {"name": "deep", "deep_ratio": 0.5, "seed": 1},  # not Fig. 14's: must be left out
+]
+MATRIX = [{"sources": ["source"], "targets": ["normal", "shallow", "deep"], "attacks": ["madry_fgsm", "madry_pgd"],
+           "protocols": ["black"]}]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory: pytest.TempPathFactory) -> tuple[SearchSpace, Store, Path]:
+    """A store holding every model and matrix cell of a tiny Fig. 14 space."""
+    root = tmp_path_factory.mktemp("tradeoff")
+    space, store = build(root, root / "data", MODELS, MATRIX)
+    images, labels = matrix_images(space, root / "data")
+    counts = reference_counts(space, store, list(space.cells), images, labels)
+    store.add_matrix({**dataclasses.asdict(c), **counts[c.key()].as_dict()} for c in space.cells)
+    return space, store, root
+
+
+def _expected(store: Store) -> pd.DataFrame:
+    """Fig. 14's points computed straight from the stored tables: mean and std over seeds."""
+    models = store.models().set_index("model_id")
+    matrix = store.matrix()
+    matrix = matrix[matrix["target_id"].map(lambda t: models.loc[t, "deep_ratio"] == 0)]
+    matrix = matrix.assign(ratio=matrix["target_id"].map(models["shallow_ratio"]), rate=matrix["defense_rate"] * 100)
+    out = [{"series": attack, "x": ratio, "y": group["rate"].mean(), "yerr": group["rate"].std(ddof=1)}
+           for (attack, ratio), group in matrix.groupby(["attack", "ratio"])]
+    targets = models.loc[matrix["target_id"].unique()]
+    out += [{"series": "clean_accuracy", "x": ratio, "y": group["clean_accuracy"].mean() * 100,
+             "yerr": group["clean_accuracy"].std(ddof=1) * 100} for ratio, group in targets.groupby("shallow_ratio")]
+    return pd.DataFrame(out).sort_values(["series", "x"], ignore_index=True)
+
+
+def test_figure_points_are_the_stored_rows(filled: tuple[SearchSpace, Store, Path], tmp_path: Path) -> None:
+    space, store, _ = filled
+    drawn = draw_fig14(fig14_summary(fig14_rows(store, space)), tmp_path / "fig.png")
+    ours = drawn[~drawn["series"].str.startswith("paper:")].sort_values(["series", "x"], ignore_index=True)
+    expected = _expected(store)
+    assert ours["series"].tolist() == expected["series"].tolist()
+    for column in ("x", "y", "yerr"):
+        assert ours[column].tolist() == pytest.approx(expected[column].tolist(), abs=1e-9)
+    assert set(ours.loc[ours["series"] == "clean_accuracy", "panel"]) == {"accuracy"}
+    assert set(ours.loc[ours["series"] != "clean_accuracy", "panel"]) == {"defense"}
+
+
+def test_command_writes_png_and_svg_from_the_store_without_ray(
+        filled: tuple[SearchSpace, Store, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    space, store, root = filled
+    out = tmp_path / "figs" / "fig14.png"
+    assert tradeoff.main(["--space", space.path, "--store", store.uri, "--data-dir", str(root / "data"),
+                          "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert out.read_bytes().startswith(PNG_SIGNATURE)
+    height, width, _ = matplotlib.image.imread(out).shape
+    assert height > 100 and width > 100
+    assert out.with_suffix(".svg").read_text().lstrip().startswith("<?xml")
+    assert "Ray not started" in text
+    assert "not the accuracy trade-off" in text  # a small space says what it can show
+    summary = fig14_summary(fig14_rows(store, space))
+    pgd = summary[(summary["metric"] == "madry_pgd") & (summary["shallow_ratio"] == 0.9)].iloc[0]
+    assert f"{pgd['mean']:.2f} ± {pgd['std']:.2f}" in text  # the table prints the plotted numbers
+
+
+@pytest.mark.parametrize("flag, overlaid", [("auto", False), ("on", True), ("off", False)])
+def test_paper_columns_are_printed_only_when_asked_or_comparable(
+        filled: tuple[SearchSpace, Store, Path], tmp_path: Path, capsys: pytest.CaptureFixture, flag: str,
+        overlaid: bool) -> None:
+    space, store, _ = filled
+    assert not is_paper_setting(store, fig14_rows(store, space))  # width 0.125, a toy data set: "auto" is off
+    tradeoff.main(["--space", space.path, "--store", store.uri, "--out", str(tmp_path / "fig.png"), "--paper", flag])
+    assert ("paper PGD defense" in capsys.readouterr().out) == overlaid
+
+
+def test_overlaid_paper_points_are_the_papers(filled: tuple[SearchSpace, Store, Path], tmp_path: Path) -> None:
+    space, store, _ = filled
+    drawn = draw_fig14(fig14_summary(fig14_rows(store, space)), tmp_path / "fig.png", paper=fig14_points())
+    paper = drawn[drawn["series"].str.startswith("paper:")]
+    expected = fig14_points()
+    assert sorted(zip(paper["series"].str.removeprefix("paper:"), paper["x"], paper["y"])) == sorted(
+        zip(expected["metric"], expected["shallow_ratio"], expected["value"]))
+
+
+def test_only_fig14_targets_are_drawn(filled: tuple[SearchSpace, Store, Path]) -> None:
+    space, store, _ = filled
+    rows = fig14_rows(store, space)
+    assert sorted(rows["shallow_ratio"].unique()) == [0.0, 0.5, 0.9]
+    assert len(rows) == 2 + 4  # normal seeds 1, 2 and 0.5/0.9-Shallow seeds 1, 2; the deep model left out
+
+
+@pytest.mark.parametrize("metric, ratio, value", [
+    ("clean_accuracy", 0.0, 95.33), ("clean_accuracy", 0.9, 87.68), ("madry_fgsm", 0.0, 26.99),
+    ("madry_fgsm", 0.85, 86.31), ("madry_pgd", 0.0, 7.56), ("madry_pgd", 0.85, 90.30),
+])
+def test_paper_points_are_the_papers_tables(metric: str, ratio: float, value: float) -> None:
+    points = fig14_points()
+    (found,) = points[(points["metric"] == metric) & (points["shallow_ratio"] == ratio)]["value"]
+    assert found == value
+
+
+def test_packaged_tables_parse_every_target() -> None:
+    table = tables8_12()
+    assert len(table) == len(read_table("tables8_12_resnet18_targets_blackbox"))
+    both = table[table["target"] == "0.7-Shallow, 0.3-Deep"].iloc[0]
+    assert (both["shallow_ratio"], both["deep_ratio"]) == (0.7, 0.3)
+    assert not table[["shallow_ratio", "deep_ratio"]].isna().any().any()
+
+
+def test_bad_output_name_fails_before_any_work(filled: tuple[SearchSpace, Store, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    space, store, _ = filled
+    from rm_sweep.errors import cli_main
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(tradeoff.main, ["--space", space.path, "--store", str(tmp_path / "empty"), "--out", "fig.jpg"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().startswith("error: the figure must be a .png")
+    assert not (tmp_path / "empty").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_end_to_end_then_from_the_store(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """Sweep (Ray Tune), matrix (Ray tasks and actors), figure; then the same command from the store."""
+    data = write_tinted_folder(tmp_path / "tinted")
+    # Two models: one round of two concurrent trials on 2 CPUs (each trial costs ~25 s of Ray start-up).
+    space = space_file(tmp_path, data, [{"name": "source", "seed": 0}, {"name": "shallow", "shallow_ratio": 0.5, "seed": 1}],
+                       [{"sources": ["source"], "targets": ["shallow"],
+                         "attacks": ["madry_fgsm", "madry_pgd"], "protocols": ["black"]}])
+    args = ["--space", str(space), "--store", str(tmp_path / "store"), "--data-dir", str(data_dir),
+            "--out", str(tmp_path / "fig14.png")]
+    assert tradeoff.main(args) == 0
+    first = capsys.readouterr().out
+    assert "2 model(s) trained, 2 matrix cells added" in first
+    store = Store(tmp_path / "store")
+    assert len(store.models()) == 2 and len(store.matrix()) == 2
+    assert (tmp_path / "fig14.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert tradeoff.main(args) == 0
+    assert "Ray not started" in capsys.readouterr().out
+    assert len(store.matrix()) == 2
+    assert not math.isnan(store.matrix()["defense_rate"].sum())

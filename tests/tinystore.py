@@ -1,0 +1,115 @@
+"""Small stores built by hand for the matrix, figure and query tests (no Ray, no sweep).
+
+A learnable toy data set (noise tinted by a class colour) is written as an
+ImageFolder; tiny ResNet-18s are trained on it in-process for a few epochs and stored. Matrix
+cells can be computed in one process with ``rm_sweep.evaluate`` (``reference_counts``): the
+ground truth the Ray matrix must reproduce.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from PIL import Image
+
+from rm_sweep.attacks import AttackSetting
+from rm_sweep.data import load_dataset
+from rm_sweep.ensemble import Ensemble
+from rm_sweep.evaluate import DefenseCounts, craft, defense, noise, patch_shuffle, white_box
+from rm_sweep.spaces import MatrixCell, SearchSpace, load_space
+from rm_sweep.store import Store
+from rm_sweep.train import fit
+
+CLASSES, SIZE = 4, 16
+
+
+def write_tinted_folder(root: Path, *, train: int = 40, test: int = 25, seed: int = 0) -> Path:
+    """Noisy 16x16 RGB images (PNG, exact pixels); class c < 3 tints channel c, class 3 is untinted.
+
+    The tint is weak against the noise, so trained models are good but not perfect and small
+    attacks fool some images: the counts of every protocol are non-trivial."""
+    gen = torch.Generator().manual_seed(seed)
+    for split, per_class in (("train", train), ("test", test)):
+        for c in range(CLASSES):
+            folder = root / split / f"q{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            x = torch.randint(0, 200, (per_class, SIZE, SIZE, 3), generator=gen, dtype=torch.uint8)
+            if c < 3:
+                x[..., c] += 40
+            for i, image in enumerate(x):
+                Image.fromarray(image.numpy()).save(folder / f"{i:03d}.png")
+    return root
+
+
+def space_file(root: Path, data: Path, models: list[dict], matrix: list[dict], *, name: str = "tiny",
+               epochs: int = 6) -> Path:
+    """A search-space YAML of tiny ResNet-18s (width 0.125) on ``data``."""
+    space = {"name": name, "data": f"folder:{data}", "recipe": {"name": "quick", "epochs": epochs, "batch_size": 32},
+             "resources": {"cpus_per_trial": 1}, "models": [{"arch": "resnet18", "width": 0.125, **m} for m in models],
+             "matrix": matrix}
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def train_models(space: SearchSpace, store: Store, data_dir: Path) -> None:
+    """Train every model of the space in this process and add it (and its ensembles) to the store.
+
+    One torch thread: on a shared 2-core machine two threads are several times slower for
+    models this small."""
+    torch.set_num_threads(1)
+    stored = store.model_ids()
+    for spec in space.models():
+        if spec.model_id in stored:
+            continue
+        data = load_dataset(space.data, data_dir=data_dir, train_subset=spec.train_subset,
+                            test_subset=spec.test_subset)
+        model = spec.create(data)
+        metrics = fit(model, data, spec.recipe_config(), device="cpu", seed=spec.seed)
+        store.add_model(spec, metrics, model)
+    for ensemble in space.ensembles():
+        store.add_ensemble(ensemble)
+
+
+def build(root: Path, data_dir: Path, models: list[dict], matrix: list[dict], **kwargs: Any) -> tuple[SearchSpace, Store]:
+    """Data folder + space file + trained models under ``root``; returns the loaded space and its store."""
+    data = write_tinted_folder(root / "tinted")
+    space = load_space(space_file(root, data, models, matrix, **kwargs))
+    store = Store(root / "store")
+    train_models(space, store, data_dir)
+    return space, store
+
+
+def reference_counts(space: SearchSpace, store: Store, cells: list[MatrixCell], images: torch.Tensor,
+                     labels: torch.Tensor) -> dict[tuple, DefenseCounts]:
+    """Every cell computed in this process with ``rm_sweep.evaluate`` (one ``craft`` per source and
+    setting, then ``defense`` / ``white_box`` / ``noise`` / ``patch_shuffle`` per cell), by cell key."""
+    torch.set_num_threads(1)
+    crafted: dict[tuple, Any] = {}
+    return {cell.key(): _reference(space, store, cell, images, labels, crafted) for cell in cells}
+
+
+def _reference(space: SearchSpace, store: Store, cell: MatrixCell, images: torch.Tensor, labels: torch.Tensor,
+               crafted: dict[tuple, Any]) -> DefenseCounts:
+    def load(target_id: str, kind: str) -> torch.nn.Module:
+        if kind == "ensemble":
+            (members,) = [e.member_ids for e in space.ensembles() if e.ensemble_id == target_id]
+            return Ensemble([store.load_model(m) for m in members]).eval()
+        return store.load_model(target_id)
+
+    params = json.loads(cell.attack_params)
+    target = load(cell.target_id, cell.target_kind)
+    if cell.protocol == "noise":
+        return noise(target, images, labels, params["sigma_255"], limit=cell.limit)
+    if cell.protocol == "shuffle":
+        return patch_shuffle(target, images, labels, params["patches"], limit=cell.limit)
+    key = (cell.source_id, cell.attack, cell.attack_params, cell.limit)
+    if key not in crafted:
+        setting = AttackSetting(name=cell.attack, **params)
+        crafted[key] = craft(store.load_model(cell.source_id), images, labels, setting, cell.limit,
+                             source_id=cell.source_id)
+    adversarial = crafted[key]
+    return white_box(adversarial) if cell.protocol == "white" else defense(target, adversarial)
