@@ -69,7 +69,7 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """Input: normalised images (N, C, H, W); output logits (N, num_classes)."""
 
-    def __init__(self, block: type[BasicBlock | Bottleneck], num_blocks: list[int], plan: LayerPlan,
+    def __init__(self, block: type[nn.Module], num_blocks: list[int], plan: LayerPlan,
                  in_channels: int, num_classes: int) -> None:
         super().__init__()
         stem = plan.channels(64, "shallow")

@@ -10,10 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from rm_sweep.models.registry import LayerPlan, register_model
-from rm_sweep.models.resnet import PARTS_OF_LAYERS
+from rm_sweep.models.resnet import ResNet
 
 
 class PreActSEBlock(nn.Module):
+    expansion = 1
+
     def __init__(self, in_planes: int, planes: int, stride: int, plan: LayerPlan, part: str) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
@@ -38,32 +40,8 @@ class PreActSEBlock(nn.Module):
         return out * w + shortcut
 
 
-class SENet(nn.Module):
-    """Input: normalised images (N, C, H, W); output logits (N, num_classes)."""
-
-    def __init__(self, num_blocks: list[int], plan: LayerPlan, in_channels: int, num_classes: int) -> None:
-        super().__init__()
-        stem = plan.channels(64, "shallow")
-        self.conv1 = nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem)
-        self.mask1 = plan.masker("shallow")
-        in_planes, layers = stem, []
-        for i, (base, n, part) in enumerate(zip((64, 128, 256, 512), num_blocks, PARTS_OF_LAYERS)):
-            planes = plan.channels(base, part)
-            blocks = []
-            for j in range(n):
-                blocks.append(PreActSEBlock(in_planes, planes, 2 if (i > 0 and j == 0) else 1, plan, part))
-                in_planes = planes
-            layers.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        self.linear = nn.Linear(in_planes, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.mask1(self.bn1(self.conv1(x))))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
-
-
 @register_model("senet18")
-def senet18(plan: LayerPlan, in_channels: int, num_classes: int) -> SENet:
-    return SENet([2, 2, 2, 2], plan, in_channels, num_classes)
+def senet18(plan: LayerPlan, in_channels: int, num_classes: int) -> ResNet:
+    # kuangliu's SENet is ResNet-18's skeleton (stem conv-BN-ReLU, four stages, linear) with
+    # pre-activation SE blocks, so it shares the ResNet class.
+    return ResNet(PreActSEBlock, [2, 2, 2, 2], plan, in_channels, num_classes)
