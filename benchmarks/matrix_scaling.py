@@ -30,7 +30,8 @@ from rm_sweep.attacks import get_setting
 from rm_sweep.data import Dataset
 from rm_sweep.evaluate import craft, defense
 from rm_sweep.masks import MaskConfig
-from rm_sweep.orchestration.matrix import MatrixOptions, TargetShard, ray_session, run_matrix, shard_targets
+from rm_sweep.orchestration.matrix import MatrixOptions, TargetShard, run_matrix, shard_targets
+from rm_sweep.orchestration.session import ray_session
 from rm_sweep.spaces import MatrixCell
 from rm_sweep.spec import ModelSpec, canonical_json
 from rm_sweep.store import Store

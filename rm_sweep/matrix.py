@@ -93,7 +93,8 @@ def complete(
         done.seconds = time.perf_counter() - start
         return done
     # Ray is imported only when there is work: a complete store answers in a second.
-    from rm_sweep.orchestration.matrix import MatrixOptions, ray_session, run_matrix
+    from rm_sweep.orchestration.matrix import MatrixOptions, run_matrix
+    from rm_sweep.orchestration.session import ray_session
     from rm_sweep.orchestration.sweep import run_sweep
 
     with ray_session(address):

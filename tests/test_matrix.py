@@ -15,7 +15,8 @@ import torch
 
 from rm_sweep.errors import UserError
 from rm_sweep.matrix import complete, matrix_images, missing_cells
-from rm_sweep.orchestration.matrix import MatrixOptions, plan, ray_session, run_matrix, shard_targets
+from rm_sweep.orchestration.matrix import MatrixOptions, plan, run_matrix, shard_targets
+from rm_sweep.orchestration.session import ray_session
 from rm_sweep.spaces import SearchSpace
 from rm_sweep.store import MATRIX_KEY, Store
 from tinystore import build, reference_counts

@@ -28,14 +28,12 @@ actor deletes the file and exits its process at once (``os._exit``), as a crashe
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import ray
 import torch
@@ -444,36 +442,5 @@ def run_matrix(
     return report
 
 
-def cpu_count() -> int:
-    """CPUs a local Ray instance should use: the ones this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-@contextlib.contextmanager
-def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> Iterator[None]:
-    """Connect to the cluster at ``address`` (e.g. ``auto``), or start a local Ray instance with
-    ``num_cpus`` (default: this machine's) on the loopback interface; shut down on exit what this
-    call started. An already connected session is used as it is.
-
-    ``address="local"`` is passed explicitly for the local case: a bare ``ray.init()`` would join
-    any cluster another process started on this machine.
-    """
-    if ray.is_initialized():
-        yield
-        return
-    if address:
-        try:
-            ray.init(address=address, logging_level=logging.WARNING)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise UserError(f"cannot connect to the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
-    else:
-        ray.init(address="local", num_cpus=num_cpus or cpu_count(), include_dashboard=False,
-                 _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 __all__ = ["CraftJob", "MatrixOptions", "MatrixReport", "PerturbJob", "TargetShard", "cell_row", "cell_setting",
-           "cpu_count", "plan", "ray_session", "run_matrix", "shard_targets"]
+           "plan", "run_matrix", "shard_targets"]

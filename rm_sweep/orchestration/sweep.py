@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import math
 import os
 import shutil
@@ -38,6 +37,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from rm_sweep.data import load_dataset, parse_data_spec
 from rm_sweep.errors import UserError
+from rm_sweep.orchestration.session import ray_session
 from rm_sweep.spaces import SearchSpace
 from rm_sweep.spec import ModelSpec
 from rm_sweep.store import Store, resolve_uri
@@ -52,9 +52,6 @@ RUN_DIR = "_ray"  # Ray's run storage inside the store; "_" hides it from Parque
 # trial's cpus_per_trial, so N trials of c CPUs fill N * c CPUs exactly: with the share on top,
 # 2 trials of 1 CPU would not fit 2 CPUs and the second worker would wait for the first.
 TRIAL_CPU = 0.01
-# Ray Train's controller polls its workers every 2 s by default: a finished (or dead) worker is
-# noticed up to 2 s late, which is a large share of a small model's trial. Set for the job.
-_JOB_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 # Columns of Tune's progress table come from the first metrics of each report.
 _SHOWN_FIRST = ("epoch", "test_accuracy", "train_accuracy", "train_loss")
 
@@ -146,8 +143,10 @@ def run_sweep(
     run_path = store.location(RUN_DIR)
     experiment = f"sweep-{space.name}"
     if pending:
-        started_ray = _init_ray(address, num_cpus, result, log_to_driver=verbose >= 2)
-        try:
+        t0 = time.perf_counter()
+        with ray_session(address, num_cpus=num_cpus, log_to_driver=verbose >= 2) as started_ray:
+            if started_ray:
+                result.ray_init_seconds = time.perf_counter() - t0
             if address is None:
                 _warm_data_cache(space, pending[0], data_dir)
             if resume and ray.tune.Tuner.can_restore(_join(run_path, experiment)):
@@ -157,9 +156,6 @@ def run_sweep(
                 concurrency = max_concurrent or resources.max_concurrent_trials or _cluster_concurrency(resources)
                 tuner = _new_tuner(space, store, pending, resources, data_dir, run_path, experiment, concurrency, verbose)
                 _fit(tuner, result)
-        finally:
-            if started_ray:
-                ray.shutdown()
     stored = store.model_ids()
     result.trained = [s.model_id for s in specs if s.model_id in stored and s.model_id not in result.skipped]
     result.unfinished = [s.model_id for s in specs if s.model_id not in stored and s.model_id not in result.failed]
@@ -172,22 +168,6 @@ def _join(base: str, name: str) -> str:
     """``base`` (a local path or a URI, maybe with a query) with ``/name`` appended to its path."""
     path, sep, query = base.partition("?")
     return f"{path.rstrip('/')}/{name}{sep}{query}"
-
-
-def _init_ray(address: str | None, num_cpus: int | None, result: SweepResult, *, log_to_driver: bool) -> bool:
-    """Connect to (or start) Ray unless this process already did; True if we started it.
-
-    Worker output stays in Ray's log files unless ``log_to_driver``: Tune's table is the
-    progress display, and a failed trial's error still reaches the driver through Tune.
-    """
-    if ray.is_initialized():
-        return False
-    t0 = time.perf_counter()
-    # "local" always starts a private instance; None would join any `ray start` cluster on this machine.
-    ray.init(address=address or "local", num_cpus=num_cpus if address is None else None,
-             logging_level=logging.WARNING, log_to_driver=log_to_driver, runtime_env={"env_vars": _JOB_ENV})
-    result.ray_init_seconds = time.perf_counter() - t0
-    return True
 
 
 def _warm_data_cache(space: SearchSpace, spec: ModelSpec, data_dir: str | os.PathLike | None) -> None:

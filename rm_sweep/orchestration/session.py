@@ -1,0 +1,50 @@
+"""Starting or joining Ray: one way for every command, so a sweep run inside the matrix's
+session gets the same settings as a sweep run on its own."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterator
+
+import ray
+
+from rm_sweep.errors import UserError
+
+# Ray Train's controller polls its workers every 2 s by default: a finished (or dead) worker is
+# noticed up to 2 s late, which is a large share of a small model's trial. Set for the job.
+JOB_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+def cpu_count() -> int:
+    """CPUs a local Ray instance should use: the ones this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, *, num_cpus: int | None = None,
+                log_to_driver: bool = True) -> Iterator[bool]:
+    """Connect to the cluster at ``address`` (e.g. ``auto``), or start a local Ray instance with
+    ``num_cpus`` (default: this machine's) on the loopback interface; shut down on exit what this
+    call started. An already connected session is used as it is. Yields whether it started Ray.
+
+    ``address="local"`` is passed explicitly for the local case: a bare ``ray.init()`` would join
+    any cluster another process started on this machine. The dashboard stays on: without it Ray
+    Train V2 cannot query its controller and each trial's shutdown stalls. Worker output stays
+    in Ray's log files unless ``log_to_driver``.
+    """
+    if ray.is_initialized():
+        yield False
+        return
+    settings = dict(logging_level=logging.WARNING, log_to_driver=log_to_driver, runtime_env={"env_vars": JOB_ENV})
+    if address:
+        try:
+            ray.init(address=address, **settings)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise UserError(f"cannot connect to the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
+    else:
+        ray.init(address="local", num_cpus=num_cpus or cpu_count(), _node_ip_address="127.0.0.1", **settings)
+    try:
+        yield True
+    finally:
+        ray.shutdown()
