@@ -5,11 +5,13 @@ run back to back in one process, measured in one run.
     python benchmarks/sweep_overhead.py --device cuda --models 8 --width 1 --train-subset 50000
 
 Both sides do the same work per model: load the (cached) data subset, build the model, ``fit``,
-write checkpoint and row to a store. The sweep runs one trial at a time (``--max-concurrent``)
-so both sides use the same compute; the per-trial overhead is (sweep - ray.init - serial) / N.
-The sweep's own timings split each trial into Train start-up (controller, worker group),
-setup in the worker, training, and the rest (per-epoch report and checkpoint upload, store
-write, trainer shutdown).
+write checkpoint and row to a store, on the same cores. The sweep runs as ``rm_sweep.sweep``
+does by default, as many trials at once as the instance's CPUs hold (2 trials of 1 CPU on
+2 cores); the serial side gives torch as many threads as those trials use together.
+``--max-concurrent 1`` runs one trial at a time instead (the serial side then gets one trial's
+threads). The per-trial overhead is (sweep - ray.init - serial) / N. The sweep's own timings
+split each trial into Train start-up (controller, worker group), setup in the worker,
+training, and the rest (per-epoch report and checkpoint upload, store write, trainer shutdown).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rm_sweep.data import load_dataset  # noqa: E402
+from rm_sweep.orchestration.session import cpu_count  # noqa: E402
 from rm_sweep.orchestration.sweep import run_sweep  # noqa: E402
 from rm_sweep.spaces import parse_space  # noqa: E402
 from rm_sweep.store import Store  # noqa: E402
@@ -43,9 +46,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--data", default=f"folder:{LOCAL_DATA}" if LOCAL_DATA.is_dir() else "cifar10")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="also the serial side's torch threads")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (its torch threads)")
     p.add_argument("--gpus-per-trial", type=float, default=0.25, help="with --device cuda")
-    p.add_argument("--max-concurrent", type=int, default=1)
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the CPUs hold)")
     return p.parse_args()
 
 
@@ -59,8 +62,10 @@ def main() -> None:
     specs = space.models()
     load_dataset(space.data, train_subset=args.train_subset, test_subset=args.test_subset)  # warm the cache for both
 
+    cpus = args.num_cpus or cpu_count()
+    concurrent = args.max_concurrent or max(1, int(cpus // args.cpus_per_trial))
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(args.cpus_per_trial)))  # what a trial's worker gets
+    torch.set_num_threads(max(1, min(cpus, int(concurrent * args.cpus_per_trial))))  # what the trials get together
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "serial")
         t0 = time.perf_counter()
@@ -70,6 +75,7 @@ def main() -> None:
             metrics = fit(model, data, spec.recipe_config(), device=args.device, seed=spec.seed)
             store.add_model(spec, metrics, model.cpu())
         serial = time.perf_counter() - t0
+    serial_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,7 +90,7 @@ def main() -> None:
     mean = {k: sum(getattr(t, k) for t in timings) / len(timings) for k in ("startup", "setup", "train", "other", "total")}
     overhead = (result.seconds - result.ray_init_seconds - serial) / n
     print(f"{n} models: resnet18 width {args.width}, {args.train_subset} images, {args.epochs} epoch(s), "
-          f"device {args.device}, {args.max_concurrent} trial(s) at a time")
+          f"device {args.device}, {concurrent} trial(s) at a time, serial side {serial_threads} thread(s)")
     print(f"serial, one process       {serial:8.1f} s   ({serial / n:.1f} s per model)")
     print(f"Ray Tune + Ray Train      {result.seconds:8.1f} s   (ray.init {result.ray_init_seconds:.1f} s)")
     print(f"per-trial overhead        {overhead:8.1f} s   (sweep - ray.init - serial) / N")
@@ -95,7 +101,7 @@ def main() -> None:
     print(f"  training (fit)          {mean['train']:8.1f} s")
     print(f"  other                   {mean['other']:8.1f} s   reports + checkpoint uploads, store write, shutdown")
     print(f"  total                   {mean['total']:8.1f} s")
-    if args.max_concurrent == 1:  # with overlapping trials, time between them is not defined
+    if concurrent == 1:  # with overlapping trials, time between them is not defined
         between = (result.seconds - result.ray_init_seconds) / n - mean["total"]
         print(f"  between trials (Tune)   {between:8.1f} s   scheduling, trial actor start, data warm-up / N")
 

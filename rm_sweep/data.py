@@ -15,15 +15,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-import torchvision
-from torchvision.io import ImageReadMode, decode_image, read_file
 from tqdm import tqdm
 
 from rm_sweep.atomic import atomic_torch_save
 from rm_sweep.errors import UserError
+
+if TYPE_CHECKING:
+    from torchvision.io import ImageReadMode
 
 KINDS = ("cifar10", "mnist", "folder")
 # The paper's augmentation: CIFAR-10 gets pad-4 random crop + horizontal flip, MNIST flip only.
@@ -209,6 +211,8 @@ def _check_folder(path: Path) -> Path:
 
 
 def _decode(spec: DataSpec, data_dir: Path) -> dict:
+    # torchvision is imported only here, on a cache miss: importing it costs ~1 s of CPU, paid
+    # otherwise by every Ray worker that merely loads the cached arrays.
     if spec.kind == "folder":
         return _decode_folder(Path(spec.path))
     return _decode_torchvision(spec.kind, data_dir)
@@ -216,6 +220,8 @@ def _decode(spec: DataSpec, data_dir: Path) -> dict:
 
 def _decode_torchvision(kind: str, data_dir: Path) -> dict:
     """CIFAR-10 or MNIST through torchvision, downloading into ``data_dir`` if allowed."""
+    import torchvision
+
     cls = torchvision.datasets.CIFAR10 if kind == "cifar10" else torchvision.datasets.MNIST
     root = data_dir / "torchvision"
     try:
@@ -237,6 +243,9 @@ def _decode_torchvision(kind: str, data_dir: Path) -> dict:
 
 def _decode_folder(path: Path) -> dict:
     """Decode an ImageFolder's train/ and test/ into uint8 arrays (grayscale if its images are)."""
+    import torchvision
+    from torchvision.io import ImageReadMode
+
     root = _check_folder(path)
     try:
         splits = {s: torchvision.datasets.ImageFolder(root / s, loader=str) for s in ("train", "test")}
@@ -267,6 +276,8 @@ def _decode_folder(path: Path) -> dict:
 
 
 def _read_image(file: str, mode: ImageReadMode) -> torch.Tensor:
+    from torchvision.io import decode_image, read_file
+
     try:
         return decode_image(read_file(file), mode=mode)
     except RuntimeError as exc:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,18 @@ def test_second_load_reads_the_cache_and_a_changed_folder_is_decoded_again(
     (folder / "train" / "c0" / "0000.png").unlink()
     changed = load_dataset(f"folder:{folder}", data_dir=tmp_path / "cache")
     assert len(calls) == 1 and len(changed.train_x) == 35
+
+
+def test_loading_a_cached_data_set_does_not_import_torchvision(tmp_path: Path) -> None:
+    """Every Ray worker loads data from the cache; torchvision's import (~1 s of CPU) is paid
+    only by the process that decodes."""
+    folder = tmp_path / "ds"
+    write_image_folder(folder)
+    load_dataset(f"folder:{folder}", data_dir=tmp_path / "cache")
+    code = ("import sys; from rm_sweep.data import load_dataset; import rm_sweep.train; "
+            f"load_dataset('folder:{folder}', data_dir='{tmp_path / 'cache'}'); print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_real_cifar_folder_has_cifar10_shape_and_classes(cifar_folder: Path, data_dir: Path) -> None:
