@@ -125,24 +125,34 @@ class RandomMask(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mask is None:
             return x
+        if torch.compiler.is_compiling():
+            # Compiled, the multiply fuses into the neighbouring kernels; the eager path's cache
+            # (Python state keyed on data pointers) would only break the graph.
+            return x * self._laid_out_like(x)
         # In place: x is a fresh BatchNorm output that nothing else keeps (BatchNorm's backward
         # saves its input), so no copy of a large activation is made.
         return x.mul_(self._mask_like(x))
 
-    def _mask_like(self, x: torch.Tensor) -> torch.Tensor:
-        """The mask as (1, C, H, W) in x's dtype and memory layout, cached between calls.
+    def _laid_out_like(self, x: torch.Tensor) -> torch.Tensor:
+        """The mask as (1, C, H, W) in x's dtype and memory layout.
 
-        Matching x keeps a bf16 autocast region in bf16 and the multiply vectorised (4x faster
-        on CPU for channels-last x); the cache spares a GPU step two extra kernels per mask.
-        The key holds the buffer's version, so a ``load_state_dict`` into it invalidates it.
+        Matching x keeps a bf16 autocast region in bf16 and the multiply vectorised: a
+        channels-last x times an NCHW mask reads the mask with a stride in the innermost loop
+        (4x slower on CPU eager, and Inductor's fused kernels suffer the same way).
         """
+        mask = self.mask.to(device=x.device, dtype=x.dtype).unsqueeze(0)
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            mask = mask.contiguous(memory_format=torch.channels_last)
+        return mask
+
+    def _mask_like(self, x: torch.Tensor) -> torch.Tensor:
+        """``_laid_out_like(x)``, cached between calls: spares an eager GPU step two extra
+        kernels per mask. The key holds the buffer's version, so a ``load_state_dict`` into it
+        invalidates it."""
         channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
         key = (x.dtype, x.device, channels_last, self.mask.data_ptr(), self.mask._version)
         if self._cache is None or self._cache[0] != key:
-            mask = self.mask.to(device=x.device, dtype=x.dtype).unsqueeze(0)
-            if channels_last:
-                mask = mask.contiguous(memory_format=torch.channels_last)
-            self._cache = (key, mask)
+            self._cache = (key, self._laid_out_like(x))
         return self._cache[1]
 
     def extra_repr(self) -> str:
