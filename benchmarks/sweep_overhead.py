@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from rm_sweep.data import load_dataset  # noqa: E402
 from rm_sweep.orchestration.session import cpu_count  # noqa: E402
-from rm_sweep.orchestration.sweep import run_sweep  # noqa: E402
-from rm_sweep.spaces import parse_space  # noqa: E402
+from rm_sweep.orchestration.sweep import run_sweep, trials_that_fit  # noqa: E402
+from rm_sweep.spaces import Resources, parse_space  # noqa: E402
 from rm_sweep.store import Store  # noqa: E402
 from rm_sweep.train import fit  # noqa: E402
 
@@ -63,7 +63,11 @@ def main() -> None:
     load_dataset(space.data, train_subset=args.train_subset, test_subset=args.test_subset)  # warm the cache for both
 
     cpus = args.num_cpus or cpu_count()
-    concurrent = args.max_concurrent or max(1, int(cpus // args.cpus_per_trial))
+    resources = Resources(cpus_per_trial=args.cpus_per_trial,
+                          gpus_per_trial=args.gpus_per_trial if args.device == "cuda" else 0.0)
+    gpus = torch.cuda.device_count() if args.device == "cuda" else 0
+    # What run_sweep would pick on this local instance, passed to it so the figure says what ran.
+    concurrent = args.max_concurrent or trials_that_fit({"CPU": cpus, "GPU": gpus}, resources) or 1
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, min(cpus, int(concurrent * args.cpus_per_trial))))  # what the trials get together
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,9 +83,8 @@ def main() -> None:
     torch.set_num_threads(threads)
 
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_sweep(space, Path(tmp) / "ray", num_cpus=args.num_cpus, cpus_per_trial=args.cpus_per_trial,
-                           gpus_per_trial=args.gpus_per_trial if args.device == "cuda" else 0.0,
-                           max_concurrent=args.max_concurrent, verbose=0)
+        result = run_sweep(space, Path(tmp) / "ray", num_cpus=args.num_cpus, cpus_per_trial=resources.cpus_per_trial,
+                           gpus_per_trial=resources.gpus_per_trial, max_concurrent=concurrent, verbose=0)
     if not result.ok or len(result.trained) != len(specs):
         raise SystemExit(f"sweep did not complete: failed {result.failed}, unfinished {result.unfinished}")
 

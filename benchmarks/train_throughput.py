@@ -102,7 +102,7 @@ def side_by_side(args: argparse.Namespace) -> None:
     for width in args.widths:
         for mask in (None, MaskConfig(shallow_ratio=0.7)):
             label = f"resnet18 width {width:g} {'0.7-shallow' if mask else 'unmasked'}"
-            contenders = {"ours": functools.partial(ours, compiled=False), "reference": reference}
+            contenders = {"ours": ours, "reference": reference}
             if args.compile:
                 contenders["ours_compiled"] = functools.partial(ours, compiled=True)
             fns = {}
@@ -113,7 +113,8 @@ def side_by_side(args: argparse.Namespace) -> None:
             speed = {k: n / median(v) for k, v in times.items()}
             row = {"model": label, **{k: round(v, 1) for k, v in speed.items()},
                    "ratio": round(speed["ours"] / speed["reference"], 3)}
-            line = f"{label:>34}: ours {speed['ours']:9.1f} img/s   reference {speed['reference']:9.1f} img/s   ratio {row['ratio']:5.2f}"
+            line = (f"{label:>34}: ours {speed['ours']:9.1f} img/s   reference {speed['reference']:9.1f} img/s"
+                    f"   ratio {row['ratio']:5.2f}")
             if args.compile:
                 row["ratio_compiled"] = round(speed["ours_compiled"] / speed["reference"], 3)
                 line += f"   compiled {speed['ours_compiled']:9.1f} img/s   ratio {row['ratio_compiled']:5.2f}"

@@ -211,8 +211,8 @@ def _check_folder(path: Path) -> Path:
 
 
 def _decode(spec: DataSpec, data_dir: Path) -> dict:
-    # torchvision is imported only here, on a cache miss: importing it costs ~1 s of CPU, paid
-    # otherwise by every Ray worker that merely loads the cached arrays.
+    # The decoders import torchvision themselves, so only a cache miss pays for it (~1 s of
+    # CPU, otherwise paid by every Ray worker that merely loads the cached arrays).
     if spec.kind == "folder":
         return _decode_folder(Path(spec.path))
     return _decode_torchvision(spec.kind, data_dir)

@@ -141,22 +141,23 @@ class RandomMask(nn.Module):
         (4x slower on CPU eager, and Inductor's fused kernels suffer the same way).
         """
         mask = self.mask.to(device=x.device, dtype=x.dtype).unsqueeze(0)
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            mask = mask.contiguous(memory_format=torch.channels_last)
-        return mask
+        return mask.contiguous(memory_format=torch.channels_last) if _channels_last(x) else mask
 
     def _mask_like(self, x: torch.Tensor) -> torch.Tensor:
         """``_laid_out_like(x)``, cached between calls: spares an eager GPU step two extra
         kernels per mask. The key holds the buffer's version, so a ``load_state_dict`` into it
         invalidates it."""
-        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-        key = (x.dtype, x.device, channels_last, self.mask.data_ptr(), self.mask._version)
+        key = (x.dtype, x.device, _channels_last(x), self.mask.data_ptr(), self.mask._version)
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, self._laid_out_like(x))
         return self._cache[1]
 
     def extra_repr(self) -> str:
         return f"ratio={self.ratio}, variant={self.variant}"
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import itertools
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import yaml
 
@@ -124,24 +124,28 @@ class SearchSpace:
 
     def models(self) -> list[ModelSpec]:
         """Every model to train (ensemble members included), each once, in file order."""
-        seen: dict[str, ModelSpec] = {}
-        for group in self.groups:
-            for spec in group.models:
-                seen.setdefault(spec.model_id, spec)
-        return list(seen.values())
+        return _first_of_each((s for g in self.groups for s in g.models), lambda s: s.model_id)
 
     def ensembles(self) -> list[EnsembleSpec]:
-        seen: dict[str, EnsembleSpec] = {}
-        for group in self.groups:
-            for ens in group.ensembles:
-                seen.setdefault(ens.ensemble_id, ens)
-        return list(seen.values())
+        """Every ensemble, each once, in file order."""
+        return _first_of_each((e for g in self.groups for e in g.ensembles), lambda e: e.ensemble_id)
 
     def group(self, name: str) -> ModelGroup:
         for group in self.groups:
             if group.name == name:
                 return group
         raise UserError(f"search space {self.name} has no model group {name!r}")
+
+
+_Item = TypeVar("_Item")
+
+
+def _first_of_each(items: Iterable[_Item], key: Callable[[_Item], str]) -> list[_Item]:
+    """``items`` in order, keeping the first of each ``key``."""
+    seen: dict[str, _Item] = {}
+    for item in items:
+        seen.setdefault(key(item), item)
+    return list(seen.values())
 
 
 # -- loading ---------------------------------------------------------------------------------------

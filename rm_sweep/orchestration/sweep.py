@@ -25,6 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -38,7 +39,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from rm_sweep.data import load_dataset, parse_data_spec
 from rm_sweep.errors import UserError
 from rm_sweep.orchestration.session import ray_session
-from rm_sweep.spaces import SearchSpace
+from rm_sweep.spaces import Resources, SearchSpace
 from rm_sweep.spec import ModelSpec
 from rm_sweep.store import Store, resolve_uri
 from rm_sweep.train import fit
@@ -153,7 +154,8 @@ def run_sweep(
                 _fit(_restore_tuner(space, store, resources, data_dir, run_path, experiment), result)
                 pending = [s for s in specs if not store.has_model(s.model_id)]
             if pending:
-                concurrency = max_concurrent or resources.max_concurrent_trials or _cluster_concurrency(resources)
+                concurrency = (max_concurrent or resources.max_concurrent_trials
+                               or trials_that_fit(ray.cluster_resources(), resources))
                 tuner = _new_tuner(space, store, pending, resources, data_dir, run_path, experiment, concurrency, verbose)
                 _fit(tuner, result)
     stored = store.model_ids()
@@ -176,10 +178,10 @@ def _warm_data_cache(space: SearchSpace, spec: ModelSpec, data_dir: str | os.Pat
     load_dataset(space.data, data_dir=data_dir, train_subset=spec.train_subset, test_subset=spec.test_subset)
 
 
-def _cluster_concurrency(resources: Any) -> int | None:
-    """Trials the cluster's current CPUs and GPUs hold at once; None if it holds none yet
-    (an autoscaling cluster starting from zero workers: let it see every trial's demand)."""
-    total = ray.cluster_resources()
+def trials_that_fit(total: Mapping[str, float], resources: Resources) -> int | None:
+    """Trials of ``resources`` that ``total`` CPUs and GPUs (``ray.cluster_resources()``) hold at
+    once; None if none fit yet (an autoscaling cluster starting from zero workers: let it see
+    every trial's demand)."""
     fits = [math.floor(total.get("CPU", 0) / resources.cpus_per_trial + 1e-9)]
     if resources.gpus_per_trial > 0:
         fits.append(math.floor(total.get("GPU", 0) / resources.gpus_per_trial + 1e-9))
