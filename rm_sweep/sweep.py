@@ -36,6 +36,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", help="override the space's data set: cifar10, mnist or folder:PATH")
     p.add_argument("--data-dir", help="downloads and decoded caches (default $RM_SWEEP_DATA_DIR or ~/.cache/rm_sweep)")
     p.add_argument("--dry-run", action="store_true", help="list the models and whether the store has them; train nothing")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile each model (default: on for trials with a GPU, with CUDA graphs)")
     p.add_argument("--quiet", action="store_true", help="no progress table")
     return p.parse_args(argv)
 
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = run_sweep(space, store, address=args.address, num_cpus=args.num_cpus, cpus_per_trial=args.cpus_per_trial,
                        gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, resume=args.resume,
-                       data_dir=args.data_dir, verbose=0 if args.quiet else 1)
+                       data_dir=args.data_dir, compile=args.compile, verbose=0 if args.quiet else 1)
     print(f"\n{space.name}: {len(result.trained)} trained, {len(result.skipped)} already in {store.uri}, "
           f"{len(result.failed)} failed, {len(result.unfinished)} unfinished ({result.seconds:.0f} s)")
     print(summary(space, store, result.failed).to_string(index=False, na_rep="-", float_format=lambda x: f"{x:.4g}"))

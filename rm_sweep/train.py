@@ -4,8 +4,9 @@
         --shallow 0.7 --recipe quick --train-subset 5000 --test-subset 1000 --out runs/demo
 
 Data stays on the training device (``rm_sweep.data.DeviceLoader``). On CUDA the forward pass runs
-under bf16 autocast and ``torch.compile`` is optional; channels-last memory format is used on
-every device (1.5-2.6x faster for ResNets on this project's CPUs too). The final model is the last
+under bf16 autocast and the model is compiled with CUDA graphs unless told otherwise (2.2-2.7x
+the eager step rate on an H200); channels-last memory format is used on every device (1.5-2.6x
+faster for ResNets on this project's CPUs too). The final model is the last
 epoch's: nothing is selected on the test set.
 """
 from __future__ import annotations
@@ -208,7 +209,7 @@ def fit(
     state_dir: str | os.PathLike | None = None,
     device: torch.device | str | None = None,
     seed: int = 0,
-    compile: bool = False,
+    compile: bool | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` in place on ``data.train_*`` with ``recipe``; returns the final metrics.
@@ -221,12 +222,15 @@ def fit(
     resumed run ends with the same weights as an uninterrupted one (bit for bit on CPU).
 
     ``seed`` fixes the data order and augmentation (initialise the model's weights under a seed
-    before calling). The returned dict holds the last epoch's metrics plus ``clean_accuracy``
-    (float32 test accuracy of the returned model), ``epochs`` and ``device``. The model is left
-    on ``device`` in the default memory format.
+    before calling). ``compile`` (``compile_for_training``) defaults to on for CUDA, where ~15 s
+    of compiling buys CIFAR-10 epochs in less than half the eager time, and off on the CPU,
+    where compiling costs more than it saves in short runs. The returned dict holds the last
+    epoch's metrics plus ``clean_accuracy`` (float32 test accuracy of the returned model),
+    ``epochs`` and ``device``. The model is left on ``device`` in the default memory format.
     """
     device = resolve_device(device)
     amp = device.type == "cuda"
+    compile = amp if compile is None else compile
     if amp:
         torch.backends.cudnn.benchmark = True  # every training batch has one shape: tuned kernels pay off
     state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
@@ -339,7 +343,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-subset", type=int, help="train on N images, equal per class (fixed, seed 0)")
     p.add_argument("--test-subset", type=int, help="test on N images, equal per class (fixed, seed 0)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on GPUs)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the model (default: on CUDA, with CUDA graphs; off on the CPU)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core)")
     p.add_argument("--out", required=True, help="run directory: training state, model.pt")
     return p.parse_args(argv)

@@ -107,6 +107,7 @@ def run_sweep(
     max_concurrent: int | None = None,
     resume: bool = False,
     data_dir: str | os.PathLike | None = None,
+    compile: bool | None = None,
     verbose: int = 1,
 ) -> SweepResult:
     """Train every model of ``space`` that ``store`` lacks; record its ensembles.
@@ -124,6 +125,7 @@ def run_sweep(
         resume: restore the previous run of this space with ``Tuner.restore`` (finished trials
             stay finished); models still missing afterwards get a fresh run.
         data_dir: where workers find and cache data sets (default ``rm_sweep.data``'s).
+        compile: ``fit``'s ``compile`` for every trial (default: on for trials with a GPU).
         verbose: Tune's verbosity (0 silent, 1 progress table, 2 everything).
     """
     started = time.perf_counter()
@@ -150,14 +152,16 @@ def run_sweep(
                 result.ray_init_seconds = time.perf_counter() - t0
             if address is None:
                 _warm_data_cache(space, pending[0], data_dir)
+            trainable = _trainable(_trial_config(space, store, resources, data_dir, run_path, compile))
             if resume and ray.tune.Tuner.can_restore(_join(run_path, experiment)):
-                _fit(_restore_tuner(space, store, resources, data_dir, run_path, experiment), result)
+                _fit(ray.tune.Tuner.restore(_join(run_path, experiment), trainable, resume_unfinished=True,
+                                            resume_errored=True), result)
                 pending = [s for s in specs if not store.has_model(s.model_id)]
             if pending:
                 concurrency = (max_concurrent or resources.max_concurrent_trials
                                or trials_that_fit(ray.cluster_resources(), resources))
-                tuner = _new_tuner(space, store, pending, resources, data_dir, run_path, experiment, concurrency, verbose)
-                _fit(tuner, result)
+                _fit(_new_tuner(trainable, space, pending, resources, run_path, experiment, concurrency, verbose),
+                     result)
     stored = store.model_ids()
     result.trained = [s.model_id for s in specs if s.model_id in stored and s.model_id not in result.skipped]
     result.unfinished = [s.model_id for s in specs if s.model_id not in stored and s.model_id not in result.failed]
@@ -188,7 +192,8 @@ def trials_that_fit(total: Mapping[str, float], resources: Resources) -> int | N
     return min(fits) or None
 
 
-def _trial_config(space: SearchSpace, store: Store, resources: Any, data_dir: Any, run_path: str) -> dict[str, Any]:
+def _trial_config(space: SearchSpace, store: Store, resources: Any, data_dir: Any, run_path: str,
+                  compile: bool | None) -> dict[str, Any]:
     """Everything a trial needs besides its model: passed once through Ray's object store."""
     fault = os.environ.get(FAULT_ENV)
     return {
@@ -202,6 +207,7 @@ def _trial_config(space: SearchSpace, store: Store, resources: Any, data_dir: An
         "gpus": resources.gpus_per_trial,
         "max_failures": resources.max_failures,
         "worker_env": {FAULT_ENV: fault} if fault else {},
+        "compile": compile,
     }
 
 
@@ -210,15 +216,14 @@ def _absolute_data(text: str) -> str:
     return text if spec.path is None else f"{spec.kind}:{os.path.abspath(os.path.expanduser(spec.path))}"
 
 
-def _trainable(space: SearchSpace, store: Store, resources: Any, data_dir: Any, run_path: str) -> Any:
-    config = _trial_config(space, store, resources, data_dir, run_path)
+def _trainable(config: dict[str, Any]) -> Any:
     return ray.tune.with_resources(ray.tune.with_parameters(_trial, setup=config), {"cpu": TRIAL_CPU})
 
 
-def _new_tuner(space: SearchSpace, store: Store, pending: list[ModelSpec], resources: Any, data_dir: Any,
-               run_path: str, experiment: str, concurrency: int | None, verbose: int) -> ray.tune.Tuner:
+def _new_tuner(trainable: Any, space: SearchSpace, pending: list[ModelSpec], resources: Any, run_path: str,
+               experiment: str, concurrency: int | None, verbose: int) -> ray.tune.Tuner:
     return ray.tune.Tuner(
-        _trainable(space, store, resources, data_dir, run_path),
+        trainable,
         # One trial per model; Tune's table shows the id as the "model" column and the
         # model's description as the trial name.
         param_space={"model": ray.tune.grid_search([s.model_id for s in pending])},
@@ -231,12 +236,6 @@ def _new_tuner(space: SearchSpace, store: Store, pending: list[ModelSpec], resou
             failure_config=ray.tune.FailureConfig(max_failures=resources.max_failures),
         ),
     )
-
-
-def _restore_tuner(space: SearchSpace, store: Store, resources: Any, data_dir: Any, run_path: str,
-                   experiment: str) -> ray.tune.Tuner:
-    return ray.tune.Tuner.restore(_join(run_path, experiment), _trainable(space, store, resources, data_dir, run_path),
-                                  resume_unfinished=True, resume_errored=True)
 
 
 def _trial_name(labels: dict[str, str], trial: Any) -> str:
@@ -351,7 +350,8 @@ def _worker(config: dict[str, Any]) -> None:
             ray.train.report({**shown, **metrics, "setup_seconds": setup_seconds, "worker_started_at": started},
                              checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
 
-        final = fit(model, data, spec.recipe_config(), report, state_dir=state_dir, device=device, seed=spec.seed)
+        final = fit(model, data, spec.recipe_config(), report, state_dir=state_dir, device=device, seed=spec.seed,
+                    compile=config["compile"])
         if ray.train.get_context().get_world_rank() == 0:
             Store(config["store"]).add_model(spec, final, model.cpu())
     finally:
