@@ -46,6 +46,7 @@ __all__ = [
     "gaussian_noise",
     "noise",
     "patch_shuffle",
+    "perturbation",
     "predict",
     "shuffle_patches",
     "white_box",
@@ -78,6 +79,15 @@ class DefenseCounts:
     n_fooled_source: int | None
     n_evaluated: int
     n_defended: int
+
+    @classmethod
+    def from_verdicts(cls, clean_ok: torch.Tensor, attacked_ok: torch.Tensor, *, n_crafted: int,
+                      n_fooled_source: int | None) -> DefenseCounts:
+        """The counts from the target's verdicts, (M,) bool each: is the clean image classified
+        correctly, is its adversarial or perturbed version. Only images the target gets right
+        clean are evaluated."""
+        return cls(n_crafted=n_crafted, n_fooled_source=n_fooled_source, n_evaluated=int(clean_ok.sum()),
+                   n_defended=int((clean_ok & attacked_ok).sum()))
 
     @property
     def defense_rate(self) -> float:
@@ -290,12 +300,8 @@ def defense(
     labels = adversarial_set.labels
     clean_ok = predict(target, adversarial_set.clean, batch_size=batch_size, device=device) == labels
     adversarial_ok = predict(target, adversarial_set.adversarial, batch_size=batch_size, device=device) == labels
-    return DefenseCounts(
-        n_crafted=adversarial_set.n_crafted,
-        n_fooled_source=adversarial_set.n_fooled_source,
-        n_evaluated=int(clean_ok.sum()),
-        n_defended=int((clean_ok & adversarial_ok).sum()),
-    )
+    return DefenseCounts.from_verdicts(clean_ok, adversarial_ok, n_crafted=adversarial_set.n_crafted,
+                                       n_fooled_source=adversarial_set.n_fooled_source)
 
 
 def white_box(adversarial_set: AdversarialSet) -> DefenseCounts:
@@ -382,6 +388,17 @@ def shuffle_patches(
     return shuffled.reshape(count, n, n, channels, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(images.shape)
 
 
+def perturbation(protocol: str, value: float, *, seed: int = 0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The ``noise`` (``value`` = sigma in /255, as ``gaussian_noise``) or ``shuffle`` (``value`` =
+    patches per side, as ``shuffle_patches``) perturbation, as a function of a batch of images
+    (B, C, H, W) in [0, 1] and their (B,) test-set indices."""
+    if protocol == Protocol.NOISE:
+        return lambda x, indices: gaussian_noise(x, value, seed=seed, indices=indices)
+    if protocol == Protocol.SHUFFLE:
+        return lambda x, indices: shuffle_patches(x, int(value), seed=seed, indices=indices)
+    raise ValueError(f"no perturbation for protocol {protocol!r}")
+
+
 def _perturbation_counts(
     target: nn.Module,
     images: torch.Tensor,
@@ -428,11 +445,9 @@ def noise(
     Images (N, C, H, W) uint8 or floats in [0, 1], labels (N,). See the module docstring
     for what the counts mean; noise as in ``gaussian_noise``.
     """
-    def perturb(x: torch.Tensor, batch_indices: torch.Tensor) -> torch.Tensor:
-        return gaussian_noise(x, sigma_255, seed=seed, indices=batch_indices)
-
     _check_sigma(sigma_255)
-    return _perturbation_counts(target, images, labels, perturb, limit, indices, batch_size, device)
+    return _perturbation_counts(target, images, labels, perturbation(Protocol.NOISE, sigma_255, seed=seed), limit,
+                                indices, batch_size, device)
 
 
 def patch_shuffle(
@@ -452,9 +467,7 @@ def patch_shuffle(
     Images (N, C, H, W) uint8 or floats in [0, 1], labels (N,). See the module docstring
     for what the counts mean; shuffling as in ``shuffle_patches``.
     """
-    def perturb(x: torch.Tensor, batch_indices: torch.Tensor) -> torch.Tensor:
-        return shuffle_patches(x, n, seed=seed, indices=batch_indices)
-
     check_batch(images, labels, allow_uint8=True)
     _check_grid(n, images.shape[2], images.shape[3])
-    return _perturbation_counts(target, images, labels, perturb, limit, indices, batch_size, device)
+    return _perturbation_counts(target, images, labels, perturbation(Protocol.SHUFFLE, n, seed=seed), limit,
+                                indices, batch_size, device)

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from rm_sweep.attacks import AttackSetting
 from rm_sweep.ensemble import Ensemble
 from rm_sweep.errors import UserError
-from rm_sweep.evaluate import AdversarialSet, DefenseCounts, craft, gaussian_noise, predict, shuffle_patches, white_box
+from rm_sweep.evaluate import AdversarialSet, DefenseCounts, craft, perturbation, predict, white_box
 from rm_sweep.spaces import MatrixCell
 from rm_sweep.store import Store
 
@@ -74,6 +74,11 @@ class PerturbJob:
     value: float
     limit: int
     cells: tuple[MatrixCell, ...]
+
+    @property
+    def target_cells(self) -> tuple[MatrixCell, ...]:
+        """Every cell: each names a target to perturb images for (as ``CraftJob.target_cells``)."""
+        return self.cells
 
 
 def cell_setting(cell: MatrixCell) -> AttackSetting:
@@ -210,9 +215,8 @@ class TargetShard:
         for target_id in target_ids:
             clean_ok = self._clean_correct(target_id, adversarial_set.indices, images, labels)
             adversarial_ok = self._predict(target_id, adversarial_set.adversarial) == adversarial_set.labels
-            out[target_id] = DefenseCounts(
-                n_crafted=adversarial_set.n_crafted, n_fooled_source=adversarial_set.n_fooled_source,
-                n_evaluated=int(clean_ok.sum()), n_defended=int((clean_ok & adversarial_ok).sum()))
+            out[target_id] = DefenseCounts.from_verdicts(clean_ok, adversarial_ok, n_crafted=adversarial_set.n_crafted,
+                                                         n_fooled_source=adversarial_set.n_fooled_source)
         return out
 
     def perturb(self, protocol: str, value: float, limit: int, target_ids: Sequence[str], images: torch.Tensor,
@@ -223,22 +227,15 @@ class TargetShard:
         self._check_fault()
         count = min(limit, len(labels))
         positions = torch.arange(count)
-        perturbed = []
-        for start in range(0, count, self.batch_size):
-            batch = positions[start:start + self.batch_size]
-            x = images[batch].float().div_(255)
-            if protocol == "noise":
-                perturbed.append(gaussian_noise(x, value, seed=PERTURBATION_SEED, indices=batch))
-            else:
-                perturbed.append(shuffle_patches(x, int(value), seed=PERTURBATION_SEED, indices=batch))
+        perturb_batch = perturbation(protocol, value, seed=PERTURBATION_SEED)
+        perturbed = [perturb_batch(images[batch].float().div_(255), batch)
+                     for batch in positions.split(self.batch_size)]
         perturbed_images = torch.cat(perturbed) if perturbed else images[:0].float()
         out = {}
         for target_id in target_ids:
             clean_ok = self._clean_correct(target_id, positions, images, labels)
             perturbed_ok = self._predict(target_id, perturbed_images) == labels[:count]
-            out[target_id] = DefenseCounts(n_crafted=count, n_fooled_source=None,
-                                           n_evaluated=int(clean_ok.sum()),
-                                           n_defended=int((clean_ok & perturbed_ok).sum()))
+            out[target_id] = DefenseCounts.from_verdicts(clean_ok, perturbed_ok, n_crafted=count, n_fooled_source=None)
         return out
 
     def forward_images(self) -> int:
@@ -397,10 +394,9 @@ def run_matrix(
         """Send ``job`` to every shard holding one of its targets; returns the job's number."""
         number = len(jobs)
         jobs.append(job)
-        cells_of = job.target_cells if isinstance(job, CraftJob) else job.cells
         outstanding[number] = 0
         for actor, held in shards:
-            ids = sorted({c.target_id for c in cells_of} & held)
+            ids = sorted({c.target_id for c in job.target_cells} & held)
             if ids:
                 pending[call(actor, ids)] = ("evaluated", number)
                 outstanding[number] += 1
@@ -426,7 +422,7 @@ def run_matrix(
             else:
                 number = payload
                 job = jobs[number]
-                by_target = {c.target_id: c for c in (job.target_cells if isinstance(job, CraftJob) else job.cells)}
+                by_target = {c.target_id: c for c in job.target_cells}
                 rows[number] += [cell_row(by_target[t], counts) for t, counts in result.items()]
                 outstanding[number] -= 1
             if outstanding.get(number) == 0:
