@@ -37,7 +37,7 @@ from common import default_device, median, sync, time_interleaved
 from rm_sweep.data import DeviceLoader
 from rm_sweep.masks import MaskConfig
 from rm_sweep.models import create_model
-from rm_sweep.train import compile_for_training, train_epoch
+from rm_sweep.train import compile_for_training, compiles_by_default, train_epoch
 
 
 class InMemoryImages(torch.utils.data.Dataset):
@@ -122,7 +122,7 @@ def side_by_side(args: argparse.Namespace) -> None:
             print(line, flush=True)
             rows.append(row)
     cuda = args.device.startswith("cuda")
-    default = "ratio_compiled" if cuda else "ratio"  # what fit runs on this device unless told otherwise
+    default = "ratio_compiled" if compiles_by_default(torch.device(args.device)) else "ratio"
     for key in ("ratio", "ratio_compiled") if args.compile else ("ratio",):
         note = "  (fit's default on this device)" if key == default else ""
         print(f"target: {key} >= {2.0 if cuda else 1.0}; lowest {min(r[key] for r in rows):.2f}{note}")
@@ -174,7 +174,7 @@ def main() -> None:
     ap.add_argument("--epoch-images", type=int, default=50000)
     args = ap.parse_args()
     if args.compile is None:
-        args.compile = args.device.startswith("cuda")
+        args.compile = compiles_by_default(torch.device(args.device))
     if args.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True  # as fit does: fixed shapes, so tuned kernels pay off
     full_epoch(args) if args.epoch else side_by_side(args)

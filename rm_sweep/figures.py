@@ -17,11 +17,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from rm_sweep.errors import UserError
+from rm_sweep.paper_results import FIG14_METRICS as METRICS
 from rm_sweep.spaces import MatrixCell, SearchSpace
 from rm_sweep.store import MATRIX_KEY, Store
 
-SETTINGS = ("madry_fgsm", "madry_pgd")
-METRICS = ("clean_accuracy", *SETTINGS)
+SETTINGS = tuple(m for m in METRICS if m != "clean_accuracy")  # the attack settings drawn
 LABELS = {"clean_accuracy": "clean accuracy", "madry_fgsm": "FGSM defense (Madry, eps 8)",
           "madry_pgd": "PGD defense (Madry, eps 8, 7 x 2)"}
 COLORS = {"clean_accuracy": "tab:green", "madry_fgsm": "tab:blue", "madry_pgd": "tab:red"}

@@ -37,13 +37,6 @@ def missing_cells(space: SearchSpace, store: Store) -> list[MatrixCell]:
     return [c for c in space.cells if c.key() not in stored]
 
 
-def record_ensembles(space: SearchSpace, store: Store) -> int:
-    """Add the space's ensembles whose members are all stored to the ``ensembles`` table;
-    returns how many were new."""
-    stored = store.model_ids()
-    return sum(store.add_ensemble(e) for e in space.ensembles() if set(e.member_ids) <= stored)
-
-
 def matrix_images(space: SearchSpace, data_dir: str | Path | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The test images the space's models were evaluated on, in order: uint8 (N, C, H, W) and
     int64 labels (N,). Cells' limits count from the first of them."""
@@ -89,7 +82,7 @@ def complete(
     done = Completion()
     models, cells = missing_models(space, store), missing_cells(space, store)
     if not models and not cells:
-        done.ensembles_recorded = record_ensembles(space, store)
+        done.ensembles_recorded = store.add_ensembles(space.ensembles())
         done.seconds = time.perf_counter() - start
         return done
     # Ray is imported only when there is work: a complete store answers in a second.
@@ -105,7 +98,7 @@ def complete(
             if not swept.ok:
                 raise UserError(f"the sweep did not train {len(swept.failed)} model(s) "
                                 f"({', '.join(swept.failed)}); their errors are shown above")
-        done.ensembles_recorded = record_ensembles(space, store)
+        done.ensembles_recorded = store.add_ensembles(space.ensembles())
         cells = missing_cells(space, store)
         if cells:
             images, labels = matrix_images(space, data_dir)
