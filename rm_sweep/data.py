@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -32,6 +33,9 @@ KINDS = ("cifar10", "mnist", "folder")
 AUGMENTATIONS = ("crop-flip", "flip", "none")
 CROP_PADDING = 4
 _CACHE_FORMAT = "rm_sweep.data_cache/1"
+# How subsets are chosen and test images ordered: part of every model id (``rm_sweep.spec``), so
+# a change here never lets a store serve models or attack sets made under the old scheme.
+DATA_SCHEME = "subsets:balanced-per-class,seed-0;folder-test-order:class-interleaved,seed-0"
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,12 @@ def load_dataset(
     ``train_subset``/``test_subset`` keep n images, as equal per class as n allows (n divisible
     by the class count gives exactly n/classes each), chosen by ``seed``; each split's choice
     depends only on its own n and the seed.
+
+    The test split comes in attack order: the protocols attack "the first N test images the
+    source gets right", which the paper took in CIFAR-10's own order, where classes are mixed.
+    torchvision's CIFAR-10 and MNIST keep that order; a folder's test split (sorted by class)
+    is put in a fixed class-interleaved order (``interleave_classes``), so any first N images
+    hold every class in proportion.
     """
     spec = parse_data_spec(spec)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -126,6 +136,8 @@ def load_dataset(
     # One generator per split: the test images do not depend on the training subset's size.
     train = balanced_subset(arrays["train_y"], train_subset, torch.Generator().manual_seed(seed), "train_subset")
     test = balanced_subset(arrays["test_y"], test_subset, torch.Generator().manual_seed(seed), "test_subset")
+    if spec.kind == "folder":
+        test = test[interleave_classes(arrays["test_y"][test])]
     return Dataset(
         name=str(spec),
         train_x=arrays["train_x"][train],
@@ -155,6 +167,30 @@ def balanced_subset(labels: torch.Tensor, n: int | None, gen: torch.Generator, w
             raise UserError(f"{what}={n} needs {want} images of class {c}, the data set has {len(members)}")
         picked.append(members[torch.randperm(len(members), generator=gen)[:want]])
     return torch.cat(picked).sort().values
+
+
+def interleave_classes(labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A fixed order of positions (int64) in which every class is spread evenly.
+
+    Each class's items are shuffled (seeded), then item r of a class of n items is placed at
+    (r + 1/2) / n along the whole order, ties broken by class: every prefix of the order holds
+    each class in proportion to its share, within 1 + C/2 items for C classes (a balanced set
+    cycles through the classes: exact at every multiple of C).
+
+    Args:
+        labels: (N,) int64 class of each item, in its stored order.
+        seed: the within-class shuffle.
+    """
+    n = len(labels)
+    shuffled = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    by_class = shuffled[labels[shuffled].argsort(stable=True)]  # grouped by class, shuffled within
+    counts = labels.bincount()
+    first = counts.cumsum(0) - counts
+    rank = torch.empty(n, dtype=torch.float64)
+    rank[by_class] = (torch.arange(n) - first[labels[by_class]]).double()
+    key = (rank + 0.5) / counts[labels].double()
+    # Sorting by (key, class): the key alone ties whenever two classes have equal counts.
+    return torch.from_numpy(np.lexsort((labels.numpy(), key.numpy())))
 
 
 def _cached_arrays(spec: DataSpec, data_dir: Path) -> dict:
@@ -376,6 +412,7 @@ def crop_flip(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: i
 
 __all__ = [
     "AUGMENTATIONS",
+    "DATA_SCHEME",
     "CROP_PADDING",
     "DataSpec",
     "Dataset",
@@ -384,6 +421,7 @@ __all__ = [
     "channel_stats",
     "crop_flip",
     "default_data_dir",
+    "interleave_classes",
     "load_dataset",
     "parse_data_spec",
 ]

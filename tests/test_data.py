@@ -16,6 +16,7 @@ from rm_sweep.data import (
     DataSpec,
     DeviceLoader,
     balanced_subset,
+    interleave_classes,
     load_dataset,
     parse_data_spec,
 )
@@ -48,8 +49,10 @@ def test_paper_augmentation_per_data_set(spec: str, augment: str) -> None:
 def test_folder_loads_exact_pixels_labels_and_statistics(tmp_path: Path, channels: int) -> None:
     expected = write_image_folder(tmp_path / "ds", channels=channels)
     ds = load_dataset(f"folder:{tmp_path / 'ds'}", data_dir=tmp_path / "cache")
-    for key in ("train_x", "train_y", "test_x", "test_y"):
+    for key in ("train_x", "train_y"):
         assert torch.equal(getattr(ds, key), expected[key]), key
+    order = interleave_classes(expected["test_y"])  # the test split comes in attack order
+    assert torch.equal(ds.test_x, expected["test_x"][order]) and torch.equal(ds.test_y, expected["test_y"][order])
     assert (ds.num_classes, ds.in_channels, ds.image_size) == (3, channels, 8)
     assert ds.classes == ("c0", "c1", "c2")
     pixels = expected["train_x"].double() / 255
@@ -141,6 +144,28 @@ def test_load_dataset_subsets(tmp_path: Path) -> None:
     assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_x, b.test_x)
     test_only = load_dataset(spec, data_dir=tmp_path / "c", test_subset=6, seed=4)
     assert torch.equal(test_only.test_x, a.test_x)  # the test images do not depend on the training subset
+
+
+@pytest.mark.parametrize("counts", [[50, 50, 50], [30, 10, 20], [1, 7, 100, 13]])
+def test_interleaved_order_holds_every_class_in_proportion_in_every_prefix(counts: list[int]) -> None:
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])  # sorted by class, as a folder
+    order = interleave_classes(labels)
+    assert sorted(order.tolist()) == list(range(len(labels)))
+    seen = torch.zeros(len(counts))
+    total = torch.tensor(counts, dtype=torch.float64)
+    for k, position in enumerate(order.tolist(), start=1):
+        seen[labels[position]] += 1
+        assert ((seen - k * total / total.sum()).abs() <= 1 + len(counts) / 2).all(), k
+    assert torch.equal(order, interleave_classes(labels)) and not torch.equal(order, interleave_classes(labels, seed=1))
+
+
+def test_cifar_folder_attack_sets_cover_every_class_in_proportion(cifar_folder: Path, data_dir: Path) -> None:
+    # The protocols attack the first N test images a source gets right (CW: N = 1000). In the
+    # folder's own order those would be airplanes and cars only.
+    for subset in (None, 2000):
+        ds = load_dataset(f"folder:{cifar_folder}", data_dir=data_dir, test_subset=subset)
+        share = ds.test_y[:1000].bincount(minlength=10).double() / 1000
+        assert ((share - 0.1).abs() <= 0.3 * 0.1).all(), share
 
 
 @pytest.mark.parametrize("n", [2, 37, 0])
