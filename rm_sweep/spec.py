@@ -8,8 +8,8 @@ A spec is a value: two specs that train the same model are equal and share a ``m
 is how the sweep skips models the store already holds. To make that true, ``__post_init__``
 canonicalises what cannot change the trained model: numbers get one type (``1`` and ``1.0`` are
 one width), an unmasked network has mask seed 0, variant ``random`` and channel multiplier 1 (none
-of which touch a network without masks), and recipe overrides equal to the named recipe's own
-values are dropped.
+of which touch a network without masks), a ``channel`` (DC) network, which is narrower instead of
+masked, has mask seed 0, and recipe overrides equal to the named recipe's own values are dropped.
 """
 from __future__ import annotations
 
@@ -218,8 +218,9 @@ def _canonical_mask(mask: MaskConfig) -> MaskConfig:
     if shallow == 0 and deep == 0:
         # No layer is masked: seed, variant and multiplier leave the network untouched.
         return MaskConfig()
-    return MaskConfig(shallow, deep, mask.variant, _number(mask.channel_multiplier, "channel_multiplier", float),
-                      _number(mask.seed, "mask seed", int))
+    # A "channel" (DC) network is narrower and has no masks: its mask seed changes nothing.
+    seed = 0 if mask.variant == "channel" else _number(mask.seed, "mask seed", int)
+    return MaskConfig(shallow, deep, mask.variant, _number(mask.channel_multiplier, "channel_multiplier", float), seed)
 
 
 @dataclass(frozen=True)
