@@ -41,6 +41,8 @@ TOP_FIELDS = ("name", "description", "data", "train_subset", "test_subset", "rec
 RESOURCE_FIELDS = ("cpus_per_trial", "gpus_per_trial", "max_failures", "max_concurrent_trials")
 GRID_FIELDS = ("arch", "width", "shallow_ratio", "deep_ratio", "variant", "channel_multiplier", "seed", "mask_seed")
 GROUP_FIELDS = ("name", *GRID_FIELDS, "ensemble")
+ENSEMBLE_FIELDS = ("size", "seeds")
+ENSEMBLE_SEEDS = ("independent", "shared")
 MATRIX_FIELDS = ("sources", "targets", "attacks", "protocols", "limit", "sigmas", "patches")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -59,9 +61,29 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class EnsembleSeeds:
+    """How a group's grid point becomes an ensemble of ``size`` models.
+
+    ``independent`` (the paper's "EN": five separately trained networks): member i has training
+    seed ``seed + i`` and mask seed ``mask_seed + i``, so members differ in initial weights,
+    data order, augmentation and mask. ``shared``: every member has the point's training seed
+    and member i mask seed ``mask_seed + i`` (members differ in their masks only; an ablation).
+    Either way member 0 is the grid point's own model, trained once.
+    """
+
+    size: int
+    seeds: str = "independent"
+
+    def member_seeds(self, seed: int, mask_seed: int) -> list[tuple[int, int]]:
+        """(training seed, mask seed) of each member."""
+        step = 1 if self.seeds == "independent" else 0
+        return [(seed + step * i, mask_seed + i) for i in range(self.size)]
+
+
+@dataclass(frozen=True)
 class ModelGroup:
-    """A named grid of models. With ``ensemble: N`` each grid point is an ensemble of N models
-    (mask seeds 0..N-1) and the group's matrix targets are those ensembles."""
+    """A named grid of models. With ``ensemble`` each grid point is an ensemble
+    (``EnsembleSeeds``) and the group's matrix targets are those ensembles."""
 
     name: str
     models: tuple[ModelSpec, ...]
@@ -385,30 +407,37 @@ class _Parser:
         for key in GRID_FIELDS:
             value = d.get(key, defaults.get(key))
             axes[key] = [checks[key](v, f) for f, v in _as_list(value, _join(field, key))]
-        size = None
-        if "ensemble" in d:
-            size = int(_positive(d["ensemble"], _join(field, "ensemble"), integer=True, minimum=2, strict=False))
-            if "mask_seed" in d:
-                _fail(_join(field, "mask_seed"), "cannot be combined with ensemble (members get mask seeds 0..N-1)")
+        ensemble = self.ensemble(d["ensemble"], _join(field, "ensemble")) if "ensemble" in d else None
         models: dict[str, ModelSpec] = {}
         ensembles: list[EnsembleSpec] = []
         for point in itertools.product(*axes.values()):
             p = dict(zip(axes, point))
-            seeds = range(size) if size else [p["mask_seed"]]
             members = []
-            for mask_seed in seeds:
+            for seed, mask_seed in ensemble.member_seeds(p["seed"], p["mask_seed"]) if ensemble else [
+                    (p["seed"], p["mask_seed"])]:
                 spec = _user_errors(field, lambda: ModelSpec(
-                    arch=p["arch"], width=p["width"], seed=p["seed"],
+                    arch=p["arch"], width=p["width"], seed=seed,
                     mask=MaskConfig(p["shallow_ratio"], p["deep_ratio"], p["variant"], p["channel_multiplier"], mask_seed),
                     **base))
                 members.append(spec)
                 models.setdefault(spec.model_id, spec)
-            if size:
-                if p["shallow_ratio"] == 0 and p["deep_ratio"] == 0:
-                    _fail(_join(field, "ensemble"), "members differ only by mask seed, so they need a mask "
-                                                    "(shallow_ratio or deep_ratio > 0)")
+            if ensemble:
+                masked = (p["shallow_ratio"] > 0 or p["deep_ratio"] > 0) and p["variant"] != "channel"
+                if ensemble.seeds == "shared" and not masked:
+                    _fail(_join(field, "ensemble"), "members with shared training seeds differ only by mask seed, "
+                                                    "so they need a mask (shallow_ratio or deep_ratio > 0, and a "
+                                                    "variant other than channel, whose networks have none)")
                 ensembles.append(EnsembleSpec(tuple(members)))
         return ModelGroup(name, tuple(models.values()), tuple({e.ensemble_id: e for e in ensembles}.values()))
+
+    def ensemble(self, raw: Any, field: str) -> EnsembleSeeds:
+        d = {"size": raw} if not isinstance(raw, dict) else raw
+        _check_fields(d, ENSEMBLE_FIELDS, field)
+        if "size" not in d:
+            _fail(_join(field, "size"), "missing (required)")
+        size = int(_positive(d["size"], _join(field, "size"), integer=True, minimum=2, strict=False))
+        return EnsembleSeeds(size, _choice(d.get("seeds", "independent"), _join(field, "seeds"), ENSEMBLE_SEEDS,
+                                           "way of choosing member seeds"))
 
     def matrix(self, raw: Any, groups: tuple[ModelGroup, ...]) -> tuple[MatrixCell, ...]:
         if raw is None:
@@ -474,6 +503,11 @@ class _Parser:
                             _fail(field, f"gray-box pairs need one architecture: source {source.arch} "
                                          f"({source.model_id}) and target {_arch(target)} ({target_id}); "
                                          "use a black block for cross-architecture pairs")
+                        if protocol == "gray" and source.seed in _training_seeds(target):
+                            _fail(field, f"gray-box target {target_id} shares training seed {source.seed} with its "
+                                         f"source {source.model_id}; the paper's gray-box targets are trained "
+                                         "separately (another initialisation, or another mask and initialisation): "
+                                         "give the target group another seed")
                         for attack in attacks:
                             cells.append(_attack_cell(protocol, source.model_id, target_id, kind, settings[attack], limit))
             elif protocol == "white":
@@ -499,6 +533,10 @@ def _contains(target: ModelSpec | EnsembleSpec, model_id: str) -> bool:
     return target.model_id == model_id
 
 
+def _training_seeds(target: ModelSpec | EnsembleSpec) -> set[int]:
+    return {m.seed for m in target.members} if isinstance(target, EnsembleSpec) else {target.seed}
+
+
 def _arch(target: ModelSpec | EnsembleSpec) -> str:
     return target.members[0].arch if isinstance(target, EnsembleSpec) else target.arch
 
@@ -508,5 +546,5 @@ def _attack_cell(protocol: str, source_id: str, target_id: str, kind: str, setti
                       limit or setting.limit)
 
 
-__all__ = ["DEFAULT_LIMIT", "MatrixCell", "ModelGroup", "PAPER_PATCHES", "PAPER_SIGMAS_255", "PROTOCOLS", "Resources",
+__all__ = ["DEFAULT_LIMIT", "EnsembleSeeds", "MatrixCell", "ModelGroup", "PAPER_PATCHES", "PAPER_SIGMAS_255", "PROTOCOLS", "Resources",
            "SearchSpace", "load_space", "parse_space"]

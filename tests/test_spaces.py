@@ -6,8 +6,10 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from rm_sweep.attacks import SETTINGS
 from rm_sweep.errors import UserError
@@ -65,6 +67,7 @@ def test_table2_has_every_placement_variant_multiplier_and_five_mask_ensembles()
     assert any(m.channel_multiplier == 2 for m in masks)
     for ens in s.ensembles():
         assert sorted(m.mask.seed for m in ens.members) == [0, 1, 2, 3, 4]
+        assert sorted(m.seed for m in ens.members) == [1, 2, 3, 4, 5]  # five separate trainings
     assert {c.target_kind for c in s.cells} == {"model", "ensemble"}
 
 
@@ -91,19 +94,60 @@ def test_points_that_are_the_same_model_are_trained_once():
     assert len(s.group("g").models) == 3 and len(s.models()) == 3
 
 
-def test_ensemble_groups_are_five_masks_and_share_models_with_plain_groups():
-    s = parse_space(space(models=[{"name": "single", "arch": "resnet18", "shallow_ratio": 0.5},
-                                  {"name": "en", "arch": "resnet18", "shallow_ratio": 0.5, "ensemble": 5},
+def test_ensemble_groups_are_five_separately_trained_models_sharing_member_0_with_plain_groups():
+    s = parse_space(space(models=[{"name": "single", "arch": "resnet18", "shallow_ratio": 0.5, "seed": 1},
+                                  {"name": "en", "arch": "resnet18", "shallow_ratio": 0.5, "seed": 1, "ensemble": 5},
                                   {"name": "normal", "arch": "resnet18"}],
                           matrix=[{"sources": ["single", "normal"], "targets": ["en"], "attacks": ["madry_fgsm"],
                                    "protocols": ["black"]}]))
     (ens,) = s.ensembles()
-    assert [m.mask.seed for m in ens.members] == [0, 1, 2, 3, 4]
+    assert [(m.seed, m.mask.seed) for m in ens.members] == [(1, 0), (2, 1), (3, 2), (4, 3), (5, 4)]
     assert len(s.models()) == 6  # member 0 is the single model
     # The single model is member 0 of the ensemble: no black-box cell from it, one from normal.
     (cell,) = s.cells
     assert cell.target_id == ens.ensemble_id and cell.target_kind == "ensemble"
     assert cell.source_id == s.group("normal").models[0].model_id
+
+
+@pytest.mark.parametrize("ensemble, seeds", [
+    (3, [(2, 4), (3, 5), (4, 6)]),
+    ({"size": 3}, [(2, 4), (3, 5), (4, 6)]),
+    ({"size": 3, "seeds": "independent"}, [(2, 4), (3, 5), (4, 6)]),
+    ({"size": 3, "seeds": "shared"}, [(2, 4), (2, 5), (2, 6)]),
+])
+def test_the_space_says_how_ensemble_members_are_seeded(ensemble, seeds):
+    s = parse_space(space(models=[{"name": "en", "arch": "resnet18", "shallow_ratio": 0.5, "seed": 2, "mask_seed": 4,
+                                   "ensemble": ensemble}], matrix=[]))
+    (ens,) = s.ensembles()
+    assert [(m.seed, m.mask.seed) for m in ens.members] == seeds
+
+
+def test_independent_ensemble_members_differ_in_initial_weights():
+    s = parse_space(space(models=[{"name": "en", "arch": "resnet18", "width": 0.125, "shallow_ratio": 0.5,
+                                   "ensemble": 2}], matrix=[]))
+    data = SimpleNamespace(num_classes=10, in_channels=3, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    first, second = (m.create(data) for m in s.ensembles()[0].members)
+    conv = "body.conv1.weight"
+    assert not torch.equal(first.state_dict()[conv], second.state_dict()[conv])
+    masks = [k for k in first.state_dict() if k.endswith(".mask")]
+    assert masks and not all(torch.equal(first.state_dict()[k], second.state_dict()[k]) for k in masks)
+
+
+def test_gray_box_other_mask_targets_are_separately_trained():
+    s = load_space(ROOT / "search_spaces/graybox.yaml")
+    models = {m.model_id: m for m in s.models()}
+    gray = [c for c in s.cells if c.protocol == "gray"]
+    assert gray and all(models[c.source_id].seed != models[c.target_id].seed for c in gray)
+    same_ratio_other_mask = [c for c in gray if models[c.target_id].mask.seed != models[c.source_id].mask.seed
+                             and models[c.target_id].mask.shallow_ratio == models[c.source_id].mask.shallow_ratio]
+    assert {models[c.source_id].mask.shallow_ratio for c in same_ratio_other_mask} == {0.5, 0.7}
+
+
+def test_white_box_settings_are_table_6s_small_budgets():
+    s = load_space(ROOT / "search_spaces/graybox.yaml")
+    white = {(json.loads(c.attack_params)["attack"], json.loads(c.attack_params)["eps_255"])
+             for c in s.cells if c.protocol == "white"}
+    assert white == {(a, e) for a in ("fgsm", "pgd") for e in (1, 2, 4)}
 
 
 def test_black_box_cells_skip_the_source_and_white_box_cells_are_the_diagonal():
@@ -171,9 +215,15 @@ BAD = [
     ("data: cifar10\nrecipe: fastest\nmodels: [{name: a, arch: resnet18}]\n", "recipe: unknown recipe"),
     ("data: cifar10\ntrain_subset: -5\nmodels: [{name: a, arch: resnet18}]\n", "train_subset: -5 must be > 0"),
     ("data: cifar10\nresources: {gpus_per_trial: -1}\nmodels: [{name: a, arch: resnet18}]\n", "resources.gpus_per_trial"),
-    ("data: cifar10\nmodels: [{name: a, arch: resnet18, shallow_ratio: 0.5, mask_seed: 1, ensemble: 5}]\n",
-     "models[0].mask_seed: cannot be combined with ensemble"),
-    ("data: cifar10\nmodels: [{name: a, arch: resnet18, ensemble: 5}]\n", "models[0].ensemble: members differ only by mask seed"),
+    ("data: cifar10\nmodels: [{name: a, arch: resnet18, shallow_ratio: 0.5, ensemble: 1}]\n",
+     "models[0].ensemble.size: 1 must be >= 2"),
+    ("data: cifar10\nmodels: [{name: a, arch: resnet18, shallow_ratio: 0.5, ensemble: {size: 5, seeds: same}}]\n",
+     "models[0].ensemble.seeds: unknown way of choosing member seeds 'same'"),
+    ("data: cifar10\nmodels: [{name: a, arch: resnet18, ensemble: {size: 5, seeds: shared}}]\n",
+     "models[0].ensemble: members with shared training seeds differ only by mask seed"),
+    ("data: cifar10\nmodels: [{name: a, arch: resnet18, shallow_ratio: 0.5}, {name: b, arch: resnet18, shallow_ratio: 0.5, "
+     "mask_seed: 1}]\nmatrix: [{sources: [a], targets: [b], attacks: [pgd16], protocols: [gray]}]\n",
+     "shares training seed 0 with its source"),
     ("data: cifar10\nmodels: [{name: a, arch: resnet18}]\nmatrix: [{sources: [b], targets: all, attacks: [madry_pgd], protocols: [black]}]\n",
      "matrix[0].sources[0]: unknown model group 'b'"),
     ("data: cifar10\nmodels: [{name: a, arch: resnet18}]\nmatrix: [{sources: [a], targets: all, attacks: [pgd8], protocols: [black]}]\n",
