@@ -87,6 +87,6 @@ class DenseNet(nn.Module):
         return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
 
-@register_model("densenet121")
+@register_model("densenet121", revision=2)
 def densenet121(plan: LayerPlan, in_channels: int, num_classes: int) -> DenseNet:
     return DenseNet([6, 12, 24, 16], 32, plan, in_channels, num_classes)

@@ -97,16 +97,34 @@ class LayerPlan:
 
 Builder = Callable[[LayerPlan, int, int], nn.Module]
 _REGISTRY: dict[str, Builder] = {}
+_REVISIONS: dict[str, int] = {}
 
 
-def register_model(name: str) -> Callable[[Builder], Builder]:
-    """Register ``fn(plan, in_channels, num_classes) -> body`` under ``name``."""
+def register_model(name: str, *, revision: int) -> Callable[[Builder], Builder]:
+    """Register ``fn(plan, in_channels, num_classes) -> body`` under ``name``.
+
+    ``revision`` numbers the architecture's definitions: bump it whenever a config would build
+    a different network than before, so that models stored under an older definition are never
+    taken for this one (tests/test_model_revisions.py fails until it is bumped).
+    """
 
     def deco(fn: Builder) -> Builder:
         _REGISTRY[name] = fn
+        _REVISIONS[name] = revision
         return fn
 
     return deco
+
+
+def _check_known(name: str) -> None:
+    if name not in _REGISTRY:
+        raise UserError(f"unknown architecture {name!r}; choose one of {', '.join(list_models())}")
+
+
+def model_revision(name: str) -> int:
+    """The revision of architecture ``name``'s definition (see ``register_model``)."""
+    _check_known(name)
+    return _REVISIONS[name]
 
 
 def list_models() -> list[str]:
@@ -128,8 +146,7 @@ class Classifier(nn.Sequential):
 
 def build(config: ModelConfig) -> Classifier:
     """Build (and mask) the network a ``ModelConfig`` describes."""
-    if config.arch not in _REGISTRY:
-        raise UserError(f"unknown architecture {config.arch!r}; choose one of {', '.join(list_models())}")
+    _check_known(config.arch)
     if len(config.mean) != config.in_channels or len(config.std) != config.in_channels:
         raise UserError(f"mean/std need {config.in_channels} values, one per input channel")
     if not config.width > 0:
@@ -165,4 +182,7 @@ def create_model(
     return build(config)
 
 
-__all__ = ["PARTS", "ModelConfig", "LayerPlan", "Classifier", "register_model", "list_models", "create_model", "build"]
+__all__ = [
+    "PARTS", "ModelConfig", "LayerPlan", "Classifier", "register_model", "model_revision", "list_models",
+    "create_model", "build",
+]

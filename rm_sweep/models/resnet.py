@@ -120,11 +120,11 @@ class ResNet(nn.Module):
         return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
 
-@register_model("resnet18")
+@register_model("resnet18", revision=2)
 def resnet18(plan: LayerPlan, in_channels: int, num_classes: int) -> ResNet:
     return ResNet(BasicBlock, [2, 2, 2, 2], plan, in_channels, num_classes)
 
 
-@register_model("resnet50")
+@register_model("resnet50", revision=2)
 def resnet50(plan: LayerPlan, in_channels: int, num_classes: int) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 6, 3], plan, in_channels, num_classes)

@@ -49,7 +49,7 @@ class PreActSEBlock(nn.Module):
         return out * w + shortcut
 
 
-@register_model("senet18")
+@register_model("senet18", revision=2)
 def senet18(plan: LayerPlan, in_channels: int, num_classes: int) -> ResNet:
     # kuangliu's SENet is ResNet-18's skeleton (stem conv-BN-ReLU, four stages, linear) with
     # pre-activation SE blocks, so it shares the ResNet class.

@@ -33,6 +33,6 @@ def vgg(cfg: list[int | str], plan: LayerPlan, in_channels: int, num_classes: in
     return nn.Sequential(*layers)
 
 
-@register_model("vgg19")
+@register_model("vgg19", revision=2)
 def vgg19(plan: LayerPlan, in_channels: int, num_classes: int) -> nn.Sequential:
     return vgg(VGG19, plan, in_channels, num_classes)
