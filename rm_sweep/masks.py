@@ -2,7 +2,8 @@
 
 A masked layer computes ``relu(mask * bn(conv(x)))``: the mask zeroes a fixed set of neurons
 of the BatchNorm output, so the following layers always see zeros there, in training and at
-test time alike. Masks are buffers, so they travel with the ``state_dict``.
+test time alike. Masks are buffers, so they travel with the ``state_dict``. The paper's "DC"
+(``channel``) is no mask at all but a narrower network: ``LayerPlan.channels`` builds it.
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ class MaskConfig:
         deep_ratio: drop ratio in the deep blocks (ResNet-18: layer3, layer4).
         variant: ``random`` (independent positions per channel, the paper's Random Mask),
             ``same`` (one spatial mask shared by all channels of a layer, the paper's "SM"),
-            ``channel`` (whole channels zeroed, the paper's "DC"; the layer keeps its width).
+            ``channel`` (the paper's "DC", App. F.5: no masks; every layer of a part with ratio
+            p > 0 is ceil((1-p)*C) channels wide instead of C, as the authors'
+            ``resnet_drop_012_dc05.py``/``_dc09.py``).
         channel_multiplier: channels of the masked blocks are multiplied by this (the paper's x2).
         seed: the mask seed; masks are a pure function of (seed, layer name).
     """
@@ -83,26 +86,20 @@ def sample_mask(shape: tuple[int, int, int], ratio: float, variant: str, seed: i
     Args:
         shape: (C, H, W) of the layer's output.
         ratio: share of zeros, in [0, 1).
-        variant: one of ``VARIANTS``.
+        variant: ``random`` or ``same`` (``channel`` builds no masks).
         seed, layer: the mask seed and the layer's stable name; together they fix the mask.
 
     Returns:
         float32 tensor (C, H, W) of 0s and 1s: ``random`` has exactly round(ratio*H*W) zeros in
-        every channel, ``same`` one such spatial mask for all channels, ``channel`` round(ratio*C)
-        channels entirely zero.
+        every channel, ``same`` one such spatial mask for all channels.
     """
     c, h, w = shape
-    gen = _generator(seed, layer)
+    rows = c if variant == "random" else 1
+    # argsort of i.i.d. uniforms is a uniform random permutation per row.
+    order = torch.rand(rows, h * w, generator=_generator(seed, layer)).argsort(dim=1)
+    zeros = order[:, : round(ratio * h * w)]
     mask = torch.ones(c, h * w)
-    if variant == "channel":
-        dropped = torch.randperm(c, generator=gen)[: round(ratio * c)]
-        mask[dropped] = 0.0
-    else:
-        rows = c if variant == "random" else 1
-        # argsort of i.i.d. uniforms is a uniform random permutation per row.
-        order = torch.rand(rows, h * w, generator=gen).argsort(dim=1)
-        zeros = order[:, : round(ratio * h * w)]
-        mask.scatter_(1, zeros.expand(c, -1) if rows == 1 else zeros, 0.0)
+    mask.scatter_(1, zeros.expand(c, -1) if rows == 1 else zeros, 0.0)
     return mask.view(c, h, w)
 
 

@@ -1,6 +1,11 @@
-"""The model zoo and Random Mask, as the paper defines them."""
+"""The model zoo and Random Mask, as the paper defines them.
+
+Counts and shapes marked "authors'" were taken by building the authors' model files
+(tiangeluo/DefectiveCNN ``Models/``) with their masks replaced by ones.
+"""
 from __future__ import annotations
 
+import math
 
 import pytest
 import torch
@@ -15,8 +20,10 @@ from rm_sweep.models import (
     load_checkpoint,
     save_checkpoint,
 )
+from rm_sweep.models.registry import LayerPlan
 
 ARCHS = list_models()
+MASKING_VARIANTS = tuple(v for v in VARIANTS if v != "channel")  # DC narrows the network instead
 PLACEMENTS = {"shallow": dict(shallow_ratio=0.7), "deep": dict(deep_ratio=0.5)}
 WIDTH = 0.125  # small enough for the CPU, wide enough for every layer to have several channels
 
@@ -56,6 +63,22 @@ class TestEveryArchitectureVariantPlacement:
         mnist = masked_model(arch, variant, placement, in_channels=1, image_size=28)
         assert mnist(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
+    def test_checkpoint_round_trip_is_bit_identical(self, arch, variant, placement, tmp_path):
+        model = masked_model(arch, variant, placement)
+        model.train()(torch.rand(8, 3, 32, 32))  # move BatchNorm statistics off their initial values
+        model.eval()
+        save_checkpoint(model, tmp_path / "model.pt")
+        loaded = load_checkpoint(tmp_path / "model.pt").eval()
+        x = torch.rand(4, 3, 32, 32)
+        assert torch.equal(model(x), loaded(x))
+        assert loaded.config == model.config
+        assert all(torch.equal(masks_of(model)[k], v) for k, v in masks_of(loaded).items())
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("variant", MASKING_VARIANTS)
+@pytest.mark.parametrize("arch", ARCHS)
+class TestEveryMask:
     def test_masked_positions_are_exactly_zero_for_any_input(self, arch, variant, placement):
         model = masked_model(arch, variant, placement).train()
         outputs = {}
@@ -72,18 +95,12 @@ class TestEveryArchitectureVariantPlacement:
     def test_mask_structure_follows_the_variant(self, arch, variant, placement):
         ratio = next(iter(PLACEMENTS[placement].values()))
         for name, mask in masks_of(masked_model(arch, variant, placement)).items():
-            c, h, w = mask.shape
             assert set(mask.unique().tolist()) <= {0.0, 1.0}
             zeros = (mask == 0).flatten(1).sum(1)
-            if variant == "random":
-                assert (zeros == round(ratio * h * w)).all(), name
-            elif variant == "same":
+            h, w = mask.shape[1:]
+            assert (zeros == round(ratio * h * w)).all(), name
+            if variant == "same":
                 assert (mask == mask[:1]).all(), name
-                assert zeros[0] == round(ratio * h * w), name
-            else:
-                whole = (zeros == 0) | (zeros == h * w)
-                assert whole.all(), name
-                assert (zeros == h * w).sum() == round(ratio * c), name
 
     def test_masks_depend_on_the_seed_alone(self, arch, variant, placement):
         a = masks_of(masked_model(arch, variant, placement, seed=3))
@@ -91,17 +108,6 @@ class TestEveryArchitectureVariantPlacement:
         c = masks_of(masked_model(arch, variant, placement, seed=4))
         assert all(torch.equal(a[k], b[k]) for k in a)
         assert any(not torch.equal(a[k], c[k]) for k in a)
-
-    def test_checkpoint_round_trip_is_bit_identical(self, arch, variant, placement, tmp_path):
-        model = masked_model(arch, variant, placement)
-        model.train()(torch.rand(8, 3, 32, 32))  # move BatchNorm statistics off their initial values
-        model.eval()
-        save_checkpoint(model, tmp_path / "model.pt")
-        loaded = load_checkpoint(tmp_path / "model.pt").eval()
-        x = torch.rand(4, 3, 32, 32)
-        assert torch.equal(model(x), loaded(x))
-        assert loaded.config == model.config
-        assert all(torch.equal(masks_of(model)[k], v) for k, v in masks_of(loaded).items())
 
     def test_no_gradient_reaches_a_masked_position(self, arch, variant, placement):
         model = masked_model(arch, variant, placement)
@@ -123,24 +129,86 @@ class TestEveryArchitectureVariantPlacement:
         assert any((g[:, mask == 1] != 0).any() for mask, g in grads.values())
 
 
+# (C, H, W) of every mask at p = 0.5, full width. Shallow: the authors' files (resnet_drop_012_05,
+# resnet50_drop_012_05, densenet_drop_012_05, senet_drop_012_05, vgg_drop_01_05).
+SHALLOW_MASKS = {
+    "resnet18": [(64, 32, 32)] * 5 + [(128, 16, 16)] * 5,
+    "resnet50": [(64, 32, 32)] * 4 + [(128, 16, 16)] * 4,
+    "densenet121": [(c, 32, 32) for c in range(64, 257, 32)] + [(c, 16, 16) for c in range(128, 513, 32)],
+    "senet18": [(64, 32, 32)] * 5 + [(128, 16, 16)] * 3,
+    "vgg19": [(64, 32, 32)] * 2 + [(128, 16, 16)] * 2,
+}
+# Deep: ResNet-18 is the authors' resnet_drop_34_05; the others had no deep file, so the shallow
+# rule is applied to the deep blocks.
+DEEP_MASKS = {
+    # layer3 (256 channels, 8x8) and layer4 (512, 4x4): 2 blocks x 2 BatchNorms + the projection.
+    "resnet18": [(256, 8, 8)] * (2 * 2 + 1) + [(512, 4, 4)] * (2 * 2 + 1),
+    # One per bottleneck, after its (strided) 3x3 conv: 6 blocks in layer3, 3 in layer4.
+    "resnet50": [(256, 8, 8)] * 6 + [(512, 4, 4)] * 3,
+    # dense3 enters with 512 // 2 = 256 channels and grows by 32 per layer (24 layers), its
+    # transition sees 256 + 24 * 32; dense4 enters with 1024 // 2 = 512 (16 layers, no transition).
+    "densenet121": [(256 + 32 * i, 8, 8) for i in range(25)] + [(512 + 32 * i, 4, 4) for i in range(16)],
+    # BN1 normalises a block's input, BN2 its first conv's output; layer3.0 enters at 128x16x16,
+    # layer4.0 at 256x8x8.
+    "senet18": [(128, 16, 16)] + [(256, 8, 8)] * 4 + [(512, 4, 4)] * 3,
+    # Convs 5-16: four at 256x8x8, four at 512x4x4, four at 512x2x2.
+    "vgg19": [(256, 8, 8)] * 4 + [(512, 4, 4)] * 4 + [(512, 2, 2)] * 4,
+}
+EXPECTED_MASKS = {"shallow": SHALLOW_MASKS, "deep": DEEP_MASKS}
+
+# Where the shallow masks sit (module paths inside the Classifier), as the authors placed them.
+SHALLOW_MASKED_LAYERS = {
+    # Stem, both BatchNorms of every block, layer2's projection shortcut.
+    "resnet18": ["body.mask1"] + [f"body.layer{i}.{j}.mask{k}" for i in (1, 2) for j in (0, 1) for k in (1, 2)]
+    + ["body.layer2.0.shortcut.2"],
+    # Stem, and each bottleneck's BatchNorm after its 3x3 conv only.
+    "resnet50": ["body.mask1"] + [f"body.layer1.{j}.mask2" for j in range(3)]
+    + [f"body.layer2.{j}.mask2" for j in range(4)],
+    # Before each dense layer's 1x1 conv, and the transitions (features.1, features.3).
+    "densenet121": [f"body.features.0.{j}.mask1" for j in range(6)] + ["body.features.1.mask"]
+    + [f"body.features.2.{j}.mask1" for j in range(12)] + ["body.features.3.mask"],
+    # Both BatchNorms of every block; not the stem.
+    "senet18": [f"body.layer{i}.{j}.mask{k}" for i in (1, 2) for j in (0, 1) for k in (1, 2)],
+    # After the first four convs' BatchNorms (conv, BN, mask, ReLU; a max pool after the second).
+    "vgg19": ["body.2", "body.6", "body.11", "body.15"],
+}
+
+# Trainable parameters of the unmasked networks: the authors' resnet.py, densenet.py, senet.py, vgg.py.
+PLAIN_PARAMETERS = {
+    "resnet18": 11_173_962, "resnet50": 23_520_842, "densenet121": 6_956_298, "senet18": 11_260_354,
+    "vgg19": 20_040_522,
+}
+
+
 @pytest.mark.parametrize("placement", PLACEMENTS)
-def test_resnet18_masks_ten_outputs_per_part(placement):
-    model = masked_model("resnet18", "random", placement)
-    names = list(masks_of(model))
-    assert len(names) == 10
+@pytest.mark.parametrize("arch", ARCHS)
+def test_masks_sit_where_the_authors_put_them(arch, placement):
+    ratios = dict(shallow_ratio=0.5) if placement == "shallow" else dict(deep_ratio=0.5)
+    masks = masks_of(create_model(arch, mask=MaskConfig(**ratios)))
+    assert sorted(tuple(m.shape) for m in masks.values()) == sorted(EXPECTED_MASKS[placement][arch])
     if placement == "shallow":
-        assert "body.mask1" in names and "body.layer2.0.shortcut.2" in names
-        assert not any(".layer3" in n or ".layer4" in n for n in names)
-    else:
-        assert all(".layer3" in n or ".layer4" in n for n in names)
-
-
-def test_unmasked_resnet18_is_the_standard_cifar_resnet18():
-    assert count_parameters(create_model("resnet18")) == 11_173_962
+        assert sorted(masks) == sorted(SHALLOW_MASKED_LAYERS[arch])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("variant", VARIANTS)
+def test_unmasked_networks_have_the_authors_parameter_counts(arch):
+    assert count_parameters(create_model(arch)) == PLAIN_PARAMETERS[arch]
+
+
+@pytest.mark.parametrize("mask, parameters", [
+    (MaskConfig(0.5), 11_173_962),  # resnet_drop_012_05
+    (MaskConfig(0.5, variant="same"), 11_173_962),  # resnet_drop_012_05_same
+    (MaskConfig(0.5, variant="channel"), 10_505_578),  # resnet_drop_012_dc05
+    (MaskConfig(0.9, variant="channel"), 10_211_859),  # resnet_drop_012_dc09
+    (MaskConfig(0.5, channel_multiplier=2), 13_537_162),  # resnet_drop_012_05_c20
+    (MaskConfig(0.9, channel_multiplier=2), 13_537_162),  # resnet_drop_012_09_c20
+])
+def test_resnet18_variants_have_the_authors_parameter_counts(mask, parameters):
+    assert count_parameters(create_model("resnet18", mask=mask)) == parameters
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant", MASKING_VARIANTS)
 def test_masks_add_no_trainable_parameters(arch, variant):
     plain = create_model(arch, width=WIDTH)
     masked = create_model(arch, width=WIDTH, mask=MaskConfig(0.7, 0.5, variant))
@@ -167,6 +235,58 @@ def test_channel_multiplier_widens_the_first_four_vgg_convs():
     base = list(_conv_widths(create_model("vgg19", width=WIDTH, mask=MaskConfig(0.5))).values())
     wide = list(_conv_widths(create_model("vgg19", width=WIDTH, mask=MaskConfig(0.5, channel_multiplier=2))).values())
     assert wide[:4] == [2 * c for c in base[:4]] and wide[4:] == base[4:]
+
+
+def _shallow_convs(arch: str, model: nn.Module) -> dict[str, nn.Conv2d]:
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    if arch == "vgg19":
+        return dict(list(convs.items())[:4])
+    shallow = {"densenet121": ("body.conv1", "body.features.0.", "body.features.1.", "body.features.2.",
+                               "body.features.3.")}.get(arch, ("body.conv1", "body.layer1.", "body.layer2."))
+    return {n: m for n, m in convs.items() if n.startswith(shallow)}
+
+
+@pytest.mark.parametrize("p, arch", [(0.5, arch) for arch in ARCHS] + [(0.9, "resnet18"), (0.9, "senet18"),
+                                                                        (0.9, "vgg19")])
+def test_dc_is_a_narrower_network_without_masks(p, arch):
+    """DC at p: every shallow layer has ceil((1-p)C) of its C channels, and nothing is masked.
+
+    At p = 0.9 only networks whose every layer width is planned: a bottleneck's 4x expansion
+    and DenseNet's 4g bottleneck and halving transitions follow the planned widths instead.
+    """
+    plain = _shallow_convs(arch, create_model(arch))
+    dc_model = create_model(arch, mask=MaskConfig(p, variant="channel"))
+    dc = _shallow_convs(arch, dc_model)
+    assert not masks_of(dc_model)
+    for name, conv in plain.items():
+        assert dc[name].out_channels == math.ceil((1 - p) * conv.out_channels - 1e-9), name
+
+
+@pytest.mark.parametrize("p, channels, kept", [(0.5, 64, 32), (0.9, 64, 7), (0.9, 128, 13), (0.75, 64, 16),
+                                               (0.1, 64, 58), (0.7, 10, 3)])
+def test_dc_width_is_the_ceiling_of_the_kept_share_despite_float_error(p, channels, kept):
+    plan = LayerPlan(1.0, MaskConfig(p, variant="channel"))
+    assert plan.channels(channels, "shallow") == kept
+    assert plan.channels(channels, "deep") == channels
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "senet18"])
+@pytest.mark.parametrize("mask, projects", [
+    (MaskConfig(0.5), False),
+    (MaskConfig(0.5, variant="channel"), True),
+    (MaskConfig(0.5, channel_multiplier=2), True),
+    (MaskConfig(deep_ratio=0.5, channel_multiplier=2), False),
+])
+def test_a_resized_shallow_part_gives_layer1_an_unmasked_projection_shortcut(arch, mask, projects):
+    """As the authors' c20, dc05 and dc09 ResNet-18s: layer1's first block projects its input
+    with a 1x1 conv although the widths match; the projection carries no mask."""
+    block = create_model(arch, width=WIDTH, mask=mask).body.layer1[0]
+    shortcut = block.shortcut
+    assert (shortcut is not None and not isinstance(shortcut, nn.Identity)) == projects
+    if projects:
+        conv = next(m for m in shortcut.modules() if isinstance(m, nn.Conv2d))
+        assert conv.in_channels == conv.out_channels and conv.kernel_size == (1, 1)
+        assert not masks_of(shortcut)
 
 
 def test_sample_mask_counts_exact_zeros():

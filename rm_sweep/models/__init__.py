@@ -10,7 +10,7 @@ from rm_sweep.models.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from rm_sweep.models.registry import Classifier, ModelConfig, build, create_model, list_models
+from rm_sweep.models.registry import Classifier, ModelConfig, build, create_model, list_models, model_revision
 
 __all__ = [
     "Classifier",
@@ -21,6 +21,7 @@ __all__ = [
     "create_model",
     "list_models",
     "load_checkpoint",
+    "model_revision",
     "read_checkpoint",
     "save_checkpoint",
 ]

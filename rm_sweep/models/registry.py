@@ -1,6 +1,7 @@
 """Model configs, the architecture registry and ``create_model``."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -62,35 +63,68 @@ class LayerPlan:
     """What an architecture asks while it builds itself: how wide a layer is, and its mask.
 
     ``part`` is "shallow" or "deep"; ``width`` scales every layer, the mask's channel
-    multiplier only the masked part.
+    multiplier only the masked part. The ``channel`` variant (the paper's DC) masks nothing and
+    narrows the masked part instead.
     """
 
     width: float
     mask: MaskConfig | None
 
     def channels(self, base: int, part: str) -> int:
+        """Channels of a layer of ``part`` that has ``base`` channels in the plain network."""
         k = self.mask.multiplier(part) if self.mask else 1.0
-        return max(1, round(base * self.width * k))
+        c = max(1, round(base * self.width * k))
+        if not self._narrowed(part):
+            return c
+        # Rounded before the ceiling so float error cannot add a channel: (1 - 0.7) * 10 is
+        # 3.0000000000000004 and must give 3, while (1 - 0.9) * 64 = 6.399999999999999 gives 7.
+        return max(1, math.ceil(round((1 - self.mask.ratio(part)) * c, 9)))
+
+    def resized(self, part: str) -> bool:
+        """Whether ``part``'s layers are wider or narrower than the plain network's (x k or DC)."""
+        return self.mask is not None and self.mask.ratio(part) > 0 and (
+            self.mask.channel_multiplier != 1 or self.mask.variant == "channel")
 
     def masker(self, part: str) -> nn.Module:
         """A ``RandomMask`` where ``part`` is masked, otherwise the identity."""
-        if self.mask is None or self.mask.ratio(part) == 0:
+        if self.mask is None or self.mask.ratio(part) == 0 or self._narrowed(part):
             return nn.Identity()
         return RandomMask(self.mask.ratio(part), self.mask.variant)
+
+    def _narrowed(self, part: str) -> bool:
+        return self.mask is not None and self.mask.variant == "channel" and self.mask.ratio(part) > 0
 
 
 Builder = Callable[[LayerPlan, int, int], nn.Module]
 _REGISTRY: dict[str, Builder] = {}
+_REVISIONS: dict[str, int] = {}
 
 
-def register_model(name: str) -> Callable[[Builder], Builder]:
-    """Register ``fn(plan, in_channels, num_classes) -> body`` under ``name``."""
+def register_model(name: str, *, revision: int) -> Callable[[Builder], Builder]:
+    """Register ``fn(plan, in_channels, num_classes) -> body`` under ``name``.
+
+    ``revision`` numbers the architecture's definitions: bump it whenever a config would build
+    a different network than before, so that models stored under an older definition are never
+    taken for this one (tests/test_model_revisions.py fails until it is bumped).
+    """
 
     def deco(fn: Builder) -> Builder:
         _REGISTRY[name] = fn
+        _REVISIONS[name] = revision
         return fn
 
     return deco
+
+
+def _check_known(name: str) -> None:
+    if name not in _REGISTRY:
+        raise UserError(f"unknown architecture {name!r}; choose one of {', '.join(list_models())}")
+
+
+def model_revision(name: str) -> int:
+    """The revision of architecture ``name``'s definition (see ``register_model``)."""
+    _check_known(name)
+    return _REVISIONS[name]
 
 
 def list_models() -> list[str]:
@@ -112,8 +146,7 @@ class Classifier(nn.Sequential):
 
 def build(config: ModelConfig) -> Classifier:
     """Build (and mask) the network a ``ModelConfig`` describes."""
-    if config.arch not in _REGISTRY:
-        raise UserError(f"unknown architecture {config.arch!r}; choose one of {', '.join(list_models())}")
+    _check_known(config.arch)
     if len(config.mean) != config.in_channels or len(config.std) != config.in_channels:
         raise UserError(f"mean/std need {config.in_channels} values, one per input channel")
     if not config.width > 0:
@@ -149,4 +182,7 @@ def create_model(
     return build(config)
 
 
-__all__ = ["PARTS", "ModelConfig", "LayerPlan", "Classifier", "register_model", "list_models", "create_model", "build"]
+__all__ = [
+    "PARTS", "ModelConfig", "LayerPlan", "Classifier", "register_model", "model_revision", "list_models",
+    "create_model", "build",
+]

@@ -1,7 +1,9 @@
 """VGG-19 with BatchNorm (Simonyan & Zisserman, 2014) for 32x32 inputs, one final linear layer.
 
 Shallow = the first four conv layers (the paper's masked part), deep = the other twelve.
-Each conv's BatchNorm output in a masked part is masked before its ReLU.
+As the authors' ``vgg_drop_01_05.py``: each conv's BatchNorm output in a masked part is masked
+before its ReLU (4 masks shallow); the authors masked no deep VGG, the deep part follows the
+same rule (12 masks). Convs carry a bias, as kuangliu's ``vgg.py`` the authors built on.
 """
 from __future__ import annotations
 
@@ -25,12 +27,12 @@ def vgg(cfg: list[int | str], plan: LayerPlan, in_channels: int, num_classes: in
             continue
         part = "shallow" if n_conv < SHALLOW_CONVS else "deep"
         out = plan.channels(int(item), part)
-        layers += [nn.Conv2d(planes, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), plan.masker(part), nn.ReLU()]
+        layers += [nn.Conv2d(planes, out, 3, padding=1), nn.BatchNorm2d(out), plan.masker(part), nn.ReLU()]
         planes, n_conv = out, n_conv + 1
     layers += [nn.Flatten(), nn.Linear(planes, num_classes)]
     return nn.Sequential(*layers)
 
 
-@register_model("vgg19")
+@register_model("vgg19", revision=2)
 def vgg19(plan: LayerPlan, in_channels: int, num_classes: int) -> nn.Sequential:
     return vgg(VGG19, plan, in_channels, num_classes)
