@@ -22,10 +22,10 @@ from typing import Any, Mapping
 
 import torch
 
-from rm_sweep.data import Dataset, parse_data_spec
+from rm_sweep.data import DATA_SCHEME, Dataset, parse_data_spec
 from rm_sweep.errors import UserError
 from rm_sweep.masks import MaskConfig
-from rm_sweep.models import Classifier, create_model, list_models
+from rm_sweep.models import Classifier, create_model, list_models, model_revision
 from rm_sweep.train import RECIPES, Recipe, get_recipe
 
 ID_LENGTH = 16  # hex digits of sha256: 64 bits, no collision in any realistic store
@@ -151,7 +151,12 @@ class ModelSpec:
 
     @functools.cached_property
     def model_id(self) -> str:
-        """16 hex digits of sha256 of the canonical JSON of ``to_dict()``."""
+        """16 hex digits of sha256 of the canonical JSON of ``to_dict()``.
+
+        The dict holds the architecture's revision and the data scheme, so when a definition
+        changes (a network's layers, how subsets are chosen), every id made under the old one
+        stops matching and a store never serves such a model as the new one.
+        """
         return short_hash(self.to_dict())
 
     @property
@@ -162,7 +167,7 @@ class ModelSpec:
             parts.append(f"w{self.width:g}")
         parts += [f"{part}{m.ratio(part):g}" for part in ("shallow", "deep") if m.ratio(part)]
         if m.shallow_ratio or m.deep_ratio:
-            parts += [m.variant] if m.variant != "random" else []
+            parts += [{"same": "SM", "channel": "DC"}[m.variant]] if m.variant != "random" else []
             parts += [f"x{m.channel_multiplier:g}"] if m.channel_multiplier != 1 else []
             parts += [f"mask{m.seed}"] if m.seed else []
         return " ".join([*parts, f"seed{self.seed}"])
@@ -180,9 +185,12 @@ class ModelSpec:
                             mean=data.mean, std=data.std)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict; ``from_dict`` inverts it."""
+        """Plain JSON-able dict; ``from_dict`` inverts it. ``revision`` and ``data_scheme`` are
+        the current code's, not fields: they identify the definitions the model is built with."""
         return {
             "arch": self.arch,
+            "revision": model_revision(self.arch),
+            "data_scheme": DATA_SCHEME,
             "data": self.data,
             "width": self.width,
             "mask": self.mask.to_dict(),
@@ -195,12 +203,21 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelSpec":
+        """The spec ``to_dict`` wrote; a ``UserError`` if it was written under other definitions."""
+        d = dict(d)
+        definitions = {"revision": d.pop("revision", None), "data_scheme": d.pop("data_scheme", None)}
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise UserError(f"unknown model spec field(s): {', '.join(sorted(unknown))}")
-        d = dict(d)
         d["mask"] = MaskConfig.from_dict(d.get("mask", {}))
-        return cls(**d)
+        spec = cls(**d)
+        current = {"revision": model_revision(spec.arch), "data_scheme": DATA_SCHEME}
+        if definitions != current:
+            differ = ", ".join(f"{k} {definitions[k]!r} (this version: {current[k]!r})" for k in current
+                               if definitions[k] != current[k])
+            raise UserError(f"model spec of {spec.arch} was written under other definitions: {differ}; "
+                            "this version cannot rebuild that model (retrain it)")
+        return spec
 
 
 def _subset(value: Any, what: str) -> int | None:

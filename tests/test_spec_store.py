@@ -77,6 +77,53 @@ def test_every_field_that_changes_the_model_changes_the_id(change):
     assert spec(**{**base, **change}).model_id != spec(**base).model_id
 
 
+def test_dc_models_have_no_masks_so_their_mask_seed_is_not_part_of_the_id():
+    dc = dict(mask=MaskConfig(0.5, variant="channel", seed=3))
+    assert spec(**dc).model_id == spec(mask=MaskConfig(0.5, variant="channel")).model_id
+
+
+@pytest.mark.parametrize("definition", ["revision", "data_scheme"])
+def test_the_definitions_a_model_is_built_with_are_part_of_its_id(definition, monkeypatch):
+    import rm_sweep.spec as spec_module
+
+    before = spec(mask=MaskConfig(shallow_ratio=0.5))
+    written, before_id = before.to_dict(), before.model_id
+    if definition == "revision":
+        monkeypatch.setattr(spec_module, "model_revision", lambda arch: 99)
+    else:
+        monkeypatch.setattr(spec_module, "DATA_SCHEME", "another scheme")
+    after = spec(mask=MaskConfig(shallow_ratio=0.5))
+    assert after.to_dict()[definition] != written[definition] and after.model_id != before_id
+    with pytest.raises(UserError, match=f"other definitions: {definition}"):
+        ModelSpec.from_dict(written)
+
+
+def test_a_model_stored_under_an_old_definition_is_not_reused(tmp_path):
+    store = Store(tmp_path / "store")
+    current = spec(mask=MaskConfig(shallow_ratio=0.5))
+    old_config = {**current.to_dict(), "revision": current.to_dict()["revision"] - 1}
+    old_id = hashlib.sha256(json.dumps(old_config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    old = {**{f.name: None for f in MODELS_SCHEMA}, "model_id": old_id, "architecture": "resnet18",
+           "config": json.dumps(old_config), "clean_accuracy": 0.9, "epochs": 1}
+    store._write_table(store.path("models", f"{old_id}.parquet"), [old], MODELS_SCHEMA)
+    assert store.model_ids() == {old_id} and old_id != current.model_id
+    assert not store.has_model(current.model_id)
+
+
+def test_dc_models_are_narrower_networks_in_the_store_and_named_dc(tmp_path):
+    from rm_sweep.query import model_label
+
+    store = Store(tmp_path / "store")
+    data = tiny_data()
+    for variant in ("random", "channel"):
+        s = spec(mask=MaskConfig(shallow_ratio=0.5, variant=variant))
+        store.add_model(s, metrics(), s.create(data))
+    rows = store.models().set_index("variant")
+    assert rows.loc["channel", "parameters"] < rows.loc["random", "parameters"]
+    assert model_label(rows.loc["channel"].to_dict() | {"variant": "channel"}).endswith(" DC")
+    assert " DC " in spec(mask=MaskConfig(shallow_ratio=0.5, variant="channel")).label
+
+
 def test_spec_round_trips_through_dict_and_json():
     s = spec(mask=MaskConfig(0.7, 0.3, "channel", 2.0, 4), recipe_overrides={"epochs": 3}, seed=5)
     again = ModelSpec.from_dict(json.loads(json.dumps(s.to_dict())))
