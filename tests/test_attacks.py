@@ -1,4 +1,4 @@
-"""FGSM, PGD and CW-L2 as the paper defines them, and the named settings table."""
+"""FGSM, PGD and CW-L2 as the paper defines them, MI-FGSM as Dong et al. do, and the named settings table."""
 from __future__ import annotations
 
 import math
@@ -22,6 +22,7 @@ from rm_sweep.attacks import (
     fgsm,
     get_setting,
     list_settings,
+    mifgsm,
     pgd,
     round_to_8bit,
 )
@@ -269,6 +270,7 @@ def test_cw_adversarials_clear_the_confidence_margin_and_failures_stay_clean(tra
 ATTACKS = {
     "fgsm": lambda m, x, y: fgsm(m, x, y, 8 / 255),
     "pgd": lambda m, x, y: pgd(m, x, y, 8 / 255, 2 / 255, 3),
+    "mifgsm": lambda m, x, y: mifgsm(m, x, y, 8 / 255, 1 / 255, 3),
     "cw_l2": lambda m, x, y: cw_l2(m, x, y, search_steps=2, max_steps=5),
 }
 
@@ -384,6 +386,86 @@ def test_bad_budgets_are_user_errors(kwargs: dict, message: str) -> None:
     args = {"eps": 8 / 255, "step": 2 / 255, "steps": 7} | kwargs
     with pytest.raises(UserError, match=message):
         pgd(_model(), images, labels, **args)
+
+
+# --- MI-FGSM (Dong et al. 2018), with the authors' (step, steps, eps) in /255 units ------------
+
+AUTHORS_MIFGSM = [(1, 10, 8), (1, 20, 16), (2, 10, 16), (1, 40, 32)]
+
+
+def reference_mifgsm(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, step: float,
+                     steps: int, decay: float) -> torch.Tensor:
+    """Dong et al.'s Algorithm 1 written per image: vmap of a one-image gradient, its L1 norm by
+    ``torch.linalg.vector_norm``, an explicit projection onto the ball, then clipping."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(functional_call(model, (params, buffers), (x[None],)), y[None])
+
+    per_image_grad = vmap(grad(loss))
+    x, g = images.clone(), torch.zeros_like(images)
+    for _ in range(steps):
+        gradient = per_image_grad(x, labels)
+        g = decay * g + gradient / torch.linalg.vector_norm(gradient, ord=1, dim=(1, 2, 3), keepdim=True)
+        x = x + step * torch.sign(g)
+        x = torch.min(torch.max(x, images - eps), images + eps)
+        x = torch.clamp(x, 0.0, 1.0)
+    return x
+
+
+@pytest.mark.parametrize(("step_255", "steps", "eps_255"), AUTHORS_MIFGSM[:3])
+def test_mifgsm_equals_a_per_image_torch_func_reference(step_255: int, steps: int, eps_255: int) -> None:
+    model, (images, labels) = _model(torch.float64), _batch(dtype=torch.float64)
+    expected = reference_mifgsm(model, images, labels, eps_255 / 255, step_255 / 255, steps, decay=1.0)
+    got = mifgsm(model, images, labels, eps_255 / 255, step_255 / 255, steps)
+    assert (got - expected).abs().max().item() <= 1e-9
+
+
+@pytest.mark.parametrize(("step_255", "steps", "eps_255", "decay"), [(1, 10, 8, 1.0), (2, 10, 16, 1.0), (1, 20, 16, 0.5)])
+def test_mifgsm_equals_adversarial_robustness_toolbox(step_255: int, steps: int, eps_255: int, decay: float) -> None:
+    """ART's MomentumIterativeMethod normalises by the per-image L1 norm too (Dong et al.'s choice)."""
+    art_classifiers = pytest.importorskip("art.estimators.classification")
+    art_evasion = pytest.importorskip("art.attacks.evasion")
+    model, (images, labels) = _model(), _batch()
+    classifier = art_classifiers.PyTorchClassifier(
+        model, loss=nn.CrossEntropyLoss(), input_shape=tuple(images.shape[1:]), nb_classes=10, clip_values=(0.0, 1.0),
+        device_type="cpu",
+    )
+    attack = art_evasion.MomentumIterativeMethod(
+        classifier, norm=math.inf, eps=eps_255 / 255, eps_step=step_255 / 255, decay=decay, max_iter=steps,
+        verbose=False,
+    )
+    expected = torch.from_numpy(attack.generate(images.numpy(), y=labels.numpy()))
+    got = mifgsm(model, images, labels, eps_255 / 255, step_255 / 255, steps, decay)
+    assert (got - expected).abs().max().item() <= 1e-6
+
+
+def test_mifgsm_without_momentum_is_pgd() -> None:
+    model, (images, labels) = _model(torch.float64), _batch(dtype=torch.float64)
+    assert torch.equal(mifgsm(model, images, labels, 8 / 255, 2 / 255, 7, decay=0.0),
+                       pgd(model, images, labels, 8 / 255, 2 / 255, 7))
+
+
+@pytest.mark.parametrize("quantise", [False, True])
+@pytest.mark.parametrize(("step_255", "steps", "eps_255"), AUTHORS_MIFGSM)
+def test_mifgsm_stays_within_eps_and_quantises_to_8bit_levels(step_255: int, steps: int, eps_255: int,
+                                                             quantise: bool) -> None:
+    images, labels = _batch(16, seed=2)
+    adversarial = mifgsm(_model(), images, labels, eps_255 / 255, step_255 / 255, steps, quantise=quantise)
+    assert adversarial.shape == images.shape and adversarial.dtype == images.dtype
+    assert (adversarial - images).abs().max().item() <= eps_255 / 255 + 1e-6
+    assert adversarial.min().item() >= 0.0 and adversarial.max().item() <= 1.0
+    if quantise:
+        levels = adversarial * 255
+        assert torch.equal(levels, levels.round())
+
+
+def test_mifgsm_fools_the_trained_model_at_least_as_often_as_fgsm(trained, correct) -> None:
+    images, labels = correct
+    by_fgsm = _fooled(trained, fgsm(trained, images, labels, 8 / 255), labels).sum().item()
+    by_mifgsm = _fooled(trained, mifgsm(trained, images, labels, 8 / 255, 1 / 255, 10), labels).sum().item()
+    assert by_mifgsm >= by_fgsm
 
 
 # --- on a GPU ----------------------------------------------------------------------------------
