@@ -10,7 +10,7 @@ tinted by class), so attacks fool some images and every target sees a real set. 
   naive          S x T x (craft on the source + evaluate the target), one process;
   crafted once   S crafts, then every target evaluated on each set, one process (the algorithm
                  without Ray);
-  ray matrix     rm_sweep.orchestration.matrix.run_matrix on a local Ray instance (crafting tasks +
+  ray matrix     rm_sweep.orchestration.attack_matrix.run_matrix on a local Ray instance (crafting tasks +
                  target actors; Ray's start-up is reported apart, actor start-up is included);
   pool N actors  evaluating every pre-crafted set against every target with N shard actors of
                  one CPU each (actors loaded beforehand; their loading is reported apart).
@@ -30,10 +30,11 @@ from rm_sweep.attacks import get_setting
 from rm_sweep.data import Dataset
 from rm_sweep.evaluate import craft, defense
 from rm_sweep.masks import MaskConfig
-from rm_sweep.orchestration.matrix import MatrixOptions, TargetShard, run_matrix, shard_targets
+from rm_sweep.orchestration.attack_matrix import TargetShard, run_matrix, shard_targets
 from rm_sweep.orchestration.session import ray_session
-from rm_sweep.spaces import MatrixCell
-from rm_sweep.spec import ModelSpec, canonical_json
+from rm_sweep.orchestration.values import MatrixOptions
+from rm_sweep.protocols import Job
+from rm_sweep.spec import MatrixCell, ModelSpec, canonical_json
 from rm_sweep.store import Store
 from rm_sweep.train import fit
 
@@ -115,7 +116,8 @@ def pool(store: Store, source_ids: list[str], target_ids: list[str], data: Datas
               for group in shard_targets({t: [t] for t in target_ids}, actors)]
     ray.get([actor.ready.remote() for actor, _ in shards])
     loaded = time.perf_counter()
-    ray.get([actor.evaluate.remote(s, ids, images, labels) for s in sets for actor, ids in shards])
+    jobs = [ray.put(Job(setting, get_setting(setting).params(), limit, ray.get(s))) for s in sets]
+    ray.get([actor.count.remote(job, [("black", t) for t in ids], images, labels) for job in jobs for actor, ids in shards])
     done = time.perf_counter()
     for actor, _ in shards:
         ray.kill(actor)

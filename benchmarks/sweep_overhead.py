@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from rm_sweep.data import load_dataset  # noqa: E402
 from rm_sweep.orchestration.session import cpu_count  # noqa: E402
-from rm_sweep.orchestration.sweep import run_sweep, trials_that_fit  # noqa: E402
+from rm_sweep.orchestration.trials import trials_that_fit  # noqa: E402
+from rm_sweep.pipeline import train  # noqa: E402
 from rm_sweep.spaces import Resources, parse_space  # noqa: E402
 from rm_sweep.store import Store  # noqa: E402
 from rm_sweep.train import fit  # noqa: E402
@@ -66,7 +67,7 @@ def main() -> None:
     resources = Resources(cpus_per_trial=args.cpus_per_trial,
                           gpus_per_trial=args.gpus_per_trial if args.device == "cuda" else 0.0)
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
-    # What run_sweep would pick on this local instance, passed to it so the figure says what ran.
+    # What the sweep would pick on this local instance, passed to it so the figure says what ran.
     concurrent = args.max_concurrent or trials_that_fit({"CPU": cpus, "GPU": gpus}, resources) or 1
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, min(cpus, int(concurrent * args.cpus_per_trial))))  # what the trials get together
@@ -83,8 +84,8 @@ def main() -> None:
     torch.set_num_threads(threads)
 
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_sweep(space, Path(tmp) / "ray", num_cpus=args.num_cpus, cpus_per_trial=resources.cpus_per_trial,
-                           gpus_per_trial=resources.gpus_per_trial, max_concurrent=concurrent, verbose=0)
+        result = train(space, Store(Path(tmp) / "ray"), num_cpus=args.num_cpus, cpus_per_trial=resources.cpus_per_trial,
+                       gpus_per_trial=resources.gpus_per_trial, max_concurrent=concurrent, verbose=0)
     if not result.ok or len(result.trained) != len(specs):
         raise SystemExit(f"sweep did not complete: failed {result.failed}, unfinished {result.unfinished}")
 

@@ -24,48 +24,14 @@ from tqdm import tqdm
 
 from rm_sweep.atomic import atomic_torch_save
 from rm_sweep.errors import UserError
+from rm_sweep.recipes import AUGMENTATIONS
+from rm_sweep.spec import DataSpec, parse_data_spec
 
 if TYPE_CHECKING:
     from torchvision.io import ImageReadMode
 
-KINDS = ("cifar10", "mnist", "folder")
-# The paper's augmentation: CIFAR-10 gets pad-4 random crop + horizontal flip, MNIST flip only.
-AUGMENTATIONS = ("crop-flip", "flip", "none")
 CROP_PADDING = 4
 _CACHE_FORMAT = "rm_sweep.data_cache/1"
-# How subsets are chosen and test images ordered: part of every model id (``rm_sweep.spec``), so
-# a change here never lets a store serve models or attack sets made under the old scheme.
-DATA_SCHEME = "subsets:balanced-per-class,seed-0;folder-test-order:class-interleaved,seed-0"
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """A data set's name: ``kind`` in ``KINDS``; ``path`` only for ``folder``."""
-
-    kind: str
-    path: str | None = None
-
-    def __str__(self) -> str:
-        return self.kind if self.path is None else f"{self.kind}:{self.path}"
-
-    @property
-    def augment(self) -> str:
-        """The paper's augmentation for this data set."""
-        return "flip" if self.kind == "mnist" else "crop-flip"
-
-
-def parse_data_spec(text: str | DataSpec) -> DataSpec:
-    """``"cifar10"``, ``"mnist"`` or ``"folder:PATH"`` -> ``DataSpec``; anything else is a ``UserError``."""
-    if isinstance(text, DataSpec):
-        return text
-    kind, sep, path = text.strip().partition(":")
-    if kind == "folder":
-        if not path:
-            raise UserError("data spec 'folder:' needs a path, e.g. folder:../shared/data/cifar10-jpeg")
-        return DataSpec("folder", path)
-    if kind in KINDS and not sep:
-        return DataSpec(kind)
-    raise UserError(f"unknown data set {text!r}; use cifar10, mnist or folder:PATH")
 
 
 def default_data_dir() -> Path:
@@ -411,10 +377,7 @@ def crop_flip(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: i
 
 
 __all__ = [
-    "AUGMENTATIONS",
-    "DATA_SCHEME",
     "CROP_PADDING",
-    "DataSpec",
     "Dataset",
     "DeviceLoader",
     "balanced_subset",
@@ -423,5 +386,4 @@ __all__ = [
     "default_data_dir",
     "interleave_classes",
     "load_dataset",
-    "parse_data_spec",
 ]

@@ -18,8 +18,9 @@ from matplotlib.figure import Figure
 
 from rm_sweep.errors import UserError
 from rm_sweep.paper_results import FIG14_METRICS as METRICS
-from rm_sweep.spaces import MatrixCell, SearchSpace
-from rm_sweep.store import MATRIX_KEY, Store
+from rm_sweep.spaces import SearchSpace
+from rm_sweep.spec import MATRIX_KEY, MatrixCell
+from rm_sweep.store import Store
 
 SETTINGS = tuple(m for m in METRICS if m != "clean_accuracy")  # the attack settings drawn
 LABELS = {"clean_accuracy": "clean accuracy", "madry_fgsm": "FGSM defense (Madry, eps 8)",

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rm_sweep.errors import UserError
+from rm_sweep import checks
 
 VARIANTS = ("random", "same", "channel")
 PARTS = ("shallow", "deep")
@@ -44,15 +44,10 @@ class MaskConfig:
 
     def __post_init__(self) -> None:
         for part in PARTS:
-            ratio = getattr(self, f"{part}_ratio")
-            if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= ratio < 1.0:
-                raise UserError(f"{part}_ratio must be a number in [0, 1), got {ratio!r}")
-        if self.variant not in VARIANTS:
-            raise UserError(f"unknown mask variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
-        if not isinstance(self.channel_multiplier, (int, float)) or self.channel_multiplier <= 0:
-            raise UserError(f"channel_multiplier must be a positive number, got {self.channel_multiplier!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise UserError(f"mask seed must be an integer, got {self.seed!r}")
+            checks.ratio(getattr(self, f"{part}_ratio"), f"{part}_ratio")
+        checks.choice(self.variant, VARIANTS, "mask variant")
+        checks.positive(self.channel_multiplier, "channel_multiplier")
+        checks.seed(self.seed, "mask seed")
 
     def ratio(self, part: str) -> float:
         """Drop ratio of ``part`` ("shallow" or "deep")."""
@@ -67,10 +62,7 @@ class MaskConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MaskConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise UserError(f"unknown mask field(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
+        return cls(**checks.known_fields(d, cls.__dataclass_fields__, "mask"))
 
 
 def _generator(seed: int, layer: str) -> torch.Generator:

@@ -31,14 +31,15 @@ from typing import Any, Sequence
 import pandas as pd
 import pyarrow.fs as pafs
 
+from rm_sweep import cli
 from rm_sweep.errors import UserError, cli_main
-from rm_sweep.store import TABLES, Store, default_store_uri
+from rm_sweep.protocols import PROTOCOLS
+from rm_sweep.spec import paper_label
+from rm_sweep.store import Store
+from rm_sweep.tables import TABLES
 
 FORMATS = ("table", "csv", "markdown", "parquet")
 _CONDITION = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|!=|==|=|<|>)\s*(.*?)\s*$")
-_ARCH_NAMES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "densenet121": "DenseNet-121",
-               "senet18": "SENet-18", "vgg19": "VGG-19"}
-_VARIANT_TAGS = {"same": " SM", "channel": " DC"}  # the paper's names for the mask variants
 
 
 def _store(store: Store | str) -> Store:
@@ -128,22 +129,9 @@ def table(store: Store | str, name: str, where: Sequence[str] = (), columns: Seq
 
 
 def model_label(row: pd.Series | dict, *, ensemble: bool = False) -> str:
-    """The paper's name for a model: ``Normal ResNet-18``, ``ResNet-18 0.7-Shallow``,
-    ``ResNet-18 0.5-Shallow, 0.5-Deep SM``, ``... x2``, ``... EN`` (an ensemble)."""
-    arch = _ARCH_NAMES.get(row["architecture"], row["architecture"])
-    parts = []
-    if row["shallow_ratio"]:
-        parts.append(f"{row['shallow_ratio']:g}-Shallow")
-    if row["deep_ratio"]:
-        parts.append(f"{row['deep_ratio']:g}-Deep")
-    if not parts:
-        label = f"Normal {arch}"
-    else:
-        label = f"{arch} {', '.join(parts)}{_VARIANT_TAGS.get(row['variant'], '')}"
-        multiplier = row["channel_multiplier"]
-        if multiplier != 1:
-            label += f" x{multiplier:g}"
-    return label + (" EN" if ensemble else "")
+    """The paper's name (``rm_sweep.spec.paper_label``) of a ``models`` or ``ensembles`` row."""
+    return paper_label(row["architecture"], row["shallow_ratio"], row["deep_ratio"], row["variant"],
+                       row["channel_multiplier"], ensemble=ensemble)
 
 
 def _labels(store: Store) -> dict[str, str]:
@@ -201,7 +189,7 @@ def pivot(store: Store | str, setting: str, *, protocol: str = "black", value: s
         raise UserError(f"unknown value column {value!r}; use defense_rate or a count column")
     if not len(matrix):
         raise UserError(f"the store has no {protocol} cells for {setting}{' with ' + ' '.join(where) if where else ''}")
-    columns = "source_id" if protocol in ("black", "gray", "white") else "attack_params"
+    columns = "source_id" if PROTOCOLS[protocol].crafts else "attack_params"
     duplicated = matrix.duplicated(["target_id", columns], keep=False)
     if duplicated.any():
         example = matrix[duplicated].iloc[0]
@@ -315,22 +303,22 @@ def write(frame: pd.DataFrame, fmt: str, out: str | None, *, index: bool = False
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m rm_sweep.query",
-        description="Read the store. Without arguments: list its tables. TABLE: print a table (filtered with "
-                    "--where). pivot --setting S: the matrix for one attack setting as targets x sources, the "
-                    "paper's layout. --sql: a SQLite query over models, matrix and ensembles.",
-        epilog="examples: models --where shallow_ratio=0.9 --columns model_id,seed,clean_accuracy | "
-               "pivot --setting madry_pgd --format markdown | "
-               "--sql \"SELECT attack, AVG(defense_rate) FROM matrix GROUP BY attack\"")
+    parser = cli.parser(
+        "python -m rm_sweep.query",
+        "Read the store. Without arguments: list its tables. TABLE: print a table (filtered with --where). "
+        "pivot --setting S: the matrix for one attack setting as targets x sources, the paper's layout. "
+        "--sql: a SQLite query over models, matrix and ensembles.")
+    parser.epilog = ("examples: models --where shallow_ratio=0.9 --columns model_id,seed,clean_accuracy | "
+                     "pivot --setting madry_pgd --format markdown | "
+                     "--sql \"SELECT attack, AVG(defense_rate) FROM matrix GROUP BY attack\"")
     parser.add_argument("what", nargs="?", choices=[*TABLES, "pivot"], help="a table, or pivot")
-    parser.add_argument("--store", default=default_store_uri(),
-                        help="store directory or s3:// URI (default: $RM_SWEEP_STORE or ./store)")
+    cli.add_store(parser)
     parser.add_argument("--where", action="append", default=[], metavar="COL=VALUE",
                         help="keep rows where COL=VALUE (also !=, <, <=, >, >=); repeat to combine")
     parser.add_argument("--columns", default=None, help="comma-separated columns to show (tables only)")
     parser.add_argument("--setting", default=None, help="pivot: the attack setting (madry_pgd, pgd16, noise, ...)")
-    parser.add_argument("--protocol", default="black", help="pivot: black, gray, white, noise or shuffle (default black)")
+    parser.add_argument("--protocol", default="black", choices=PROTOCOLS,
+                        help="pivot: the protocol (default black)")
     parser.add_argument("--value", default="defense_rate", help="pivot: defense_rate (%%) or a count column")
     parser.add_argument("--ids", action="store_true", help="pivot: label rows and columns by id")
     parser.add_argument("--sql", default=None, help="a SQLite query over the tables models, matrix, ensembles")

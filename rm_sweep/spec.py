@@ -16,20 +16,58 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from rm_sweep.data import DATA_SCHEME, Dataset, parse_data_spec
+from rm_sweep import checks
 from rm_sweep.errors import UserError
 from rm_sweep.masks import MaskConfig
-from rm_sweep.models import Classifier, create_model, list_models, model_revision
-from rm_sweep.train import RECIPES, Recipe, get_recipe
+from rm_sweep.models import Classifier, check_arch, create_model, model_revision
+from rm_sweep.recipes import Recipe, canonical_overrides, get_recipe
+
+if TYPE_CHECKING:
+    from rm_sweep.data import Dataset
 
 ID_LENGTH = 16  # hex digits of sha256: 64 bits, no collision in any realistic store
 COMBINE = ("mean_logits",)
+DATA_KINDS = ("cifar10", "mnist", "folder")
+# How subsets are chosen and test images ordered (``rm_sweep.data``): part of every model id, so a
+# change there never lets a store serve models or attack sets made under the old scheme.
+DATA_SCHEME = "subsets:balanced-per-class,seed-0;folder-test-order:class-interleaved,seed-0"
+
+
+# -- data sets -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DataSpec:
+    """A data set's name: ``kind`` in ``DATA_KINDS``; ``path`` only for ``folder``."""
+
+    kind: str
+    path: str | None = None
+
+    def __str__(self) -> str:
+        return self.kind if self.path is None else f"{self.kind}:{self.path}"
+
+    @property
+    def augment(self) -> str:
+        """The paper's augmentation for this data set."""
+        return "flip" if self.kind == "mnist" else "crop-flip"
+
+
+def parse_data_spec(text: str | DataSpec) -> DataSpec:
+    """``"cifar10"``, ``"mnist"`` or ``"folder:PATH"`` -> ``DataSpec``; anything else is a ``UserError``."""
+    if isinstance(text, DataSpec):
+        return text
+    kind, sep, path = text.strip().partition(":")
+    if kind == "folder":
+        if not path:
+            raise UserError("data spec 'folder:' needs a path, e.g. folder:../shared/data/cifar10-jpeg")
+        return DataSpec("folder", path)
+    if kind in DATA_KINDS and not sep:
+        return DataSpec(kind)
+    raise UserError(f"unknown data set {text!r}; use cifar10, mnist or folder:PATH")
 
 
 def data_identity(text: str) -> str:
@@ -49,6 +87,7 @@ def data_identity(text: str) -> str:
     return f"folder:{name}"
 
 
+# -- ids -------------------------------------------------------------------------------------------
 def canonical_json(obj: Any) -> str:
     """JSON with sorted keys and no spaces: equal values give equal text."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
@@ -59,46 +98,28 @@ def short_hash(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:ID_LENGTH]
 
 
-def _number(value: Any, what: str, kind: type) -> Any:
-    """``value`` as ``kind`` (int or float), rejecting bools, strings and non-integral ints."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{what} must be a number, got {value!r}")
-    if kind is int:
-        if value != int(value):
-            raise UserError(f"{what} must be an integer, got {value!r}")
-        return int(value)
-    return float(value)
+# -- labels ----------------------------------------------------------------------------------------
+ARCH_NAMES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "densenet121": "DenseNet-121",
+              "senet18": "SENet-18", "vgg19": "VGG-19"}
+VARIANT_TAGS = {"same": "SM", "channel": "DC"}  # the paper's names for the mask variants
 
 
-def canonical_recipe_overrides(recipe: str, overrides: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    """Sorted (field, value) pairs, typed like ``Recipe``'s fields, without values equal to the
-    named recipe's (so ``{epochs: 350}`` on ``paper`` is no override at all)."""
-    if recipe not in RECIPES:
-        raise UserError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-    base = RECIPES[recipe]
-    known = {f.name for f in fields(Recipe)} - {"name"}
-    out: dict[str, Any] = {}
-    for key in sorted(overrides):
-        if key not in known:
-            raise UserError(f"unknown recipe field {key!r}; choose from {', '.join(sorted(known))}")
-        value, default = overrides[key], getattr(base, key)
-        if isinstance(default, tuple):
-            if not isinstance(value, (list, tuple)):
-                raise UserError(f"recipe {key} must be a list, got {value!r}")
-            value = tuple(_number(v, f"recipe {key}", int) for v in value)
-        elif isinstance(default, (int, float)) and not isinstance(default, bool):
-            value = _number(value, f"recipe {key}", type(default))
-        if value != default:
-            out[key] = value
-    if "milestones" in out:
-        # Overriding epochs alone moves the milestones; naming the moved ones is the same recipe.
-        others = {k: v for k, v in out.items() if k != "milestones"}
-        if get_recipe(recipe, **others).milestones == out["milestones"]:
-            del out["milestones"]
-    get_recipe(recipe, **out)  # validates the combination (epochs >= 1, milestones in order, ...)
-    return tuple(out.items())
+def paper_label(arch: str, shallow_ratio: float, deep_ratio: float, variant: str, channel_multiplier: float,
+                *, ensemble: bool = False) -> str:
+    """The paper's name for a model: ``Normal ResNet-18``, ``ResNet-18 0.7-Shallow``,
+    ``ResNet-18 0.5-Shallow, 0.5-Deep SM``, ``... DC``, ``... x2``, ``... EN`` (an ensemble)."""
+    name = ARCH_NAMES.get(arch, arch)
+    parts = [f"{r:g}-{part}" for r, part in ((shallow_ratio, "Shallow"), (deep_ratio, "Deep")) if r]
+    if not parts:
+        label = f"Normal {name}"
+    else:
+        label = f"{name} {', '.join(parts)}"
+        label += f" {VARIANT_TAGS[variant]}" if variant in VARIANT_TAGS else ""
+        label += f" x{channel_multiplier:g}" if channel_multiplier != 1 else ""
+    return label + (" EN" if ensemble else "")
 
 
+# -- models ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything that determines one trained model; ``model_id`` is its 16-hex-digit hash.
@@ -111,7 +132,7 @@ class ModelSpec:
         mask: where and how the network is masked, including the mask seed.
         train_subset, test_subset: images kept per split (balanced per class, chosen with seed 0
             so every model of a sweep sees the same images); None for the whole split.
-        recipe: a name from ``rm_sweep.train.RECIPES``.
+        recipe: a name from ``rm_sweep.recipes.RECIPES``.
         recipe_overrides: (field, value) pairs replacing the recipe's fields; a mapping is accepted.
         seed: the training seed (weight initialisation, data order, augmentation).
 
@@ -130,21 +151,17 @@ class ModelSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.arch not in list_models():
-            raise UserError(f"unknown architecture {self.arch!r}; choose one of {', '.join(list_models())}")
-        width = _number(self.width, "width", float)
-        if not width > 0:
-            raise UserError(f"width must be positive, got {self.width!r}")
+        check_arch(self.arch)
         if not isinstance(self.mask, MaskConfig):
             raise UserError(f"mask must be a MaskConfig, got {type(self.mask).__name__}")
         canonical = {
             "data": data_identity(self.data),
-            "width": width,
+            "width": float(checks.positive(self.width, "width")),
             "train_subset": _subset(self.train_subset, "train_subset"),
             "test_subset": _subset(self.test_subset, "test_subset"),
             "mask": _canonical_mask(self.mask),
-            "recipe_overrides": canonical_recipe_overrides(self.recipe, dict(self.recipe_overrides)),
-            "seed": _number(self.seed, "seed", int),
+            "recipe_overrides": canonical_overrides(self.recipe, dict(self.recipe_overrides)),
+            "seed": checks.seed(self.seed),
         }
         for name, value in canonical.items():
             object.__setattr__(self, name, value)  # a frozen dataclass sets its own fields only here
@@ -161,22 +178,18 @@ class ModelSpec:
 
     @property
     def label(self) -> str:
-        """A short description for people, e.g. ``resnet18 w0.25 shallow0.9 seed1``."""
-        m, parts = self.mask, [self.arch]
-        if self.width != 1:
-            parts.append(f"w{self.width:g}")
-        parts += [f"{part}{m.ratio(part):g}" for part in ("shallow", "deep") if m.ratio(part)]
-        if m.shallow_ratio or m.deep_ratio:
-            parts += [{"same": "SM", "channel": "DC"}[m.variant]] if m.variant != "random" else []
-            parts += [f"x{m.channel_multiplier:g}"] if m.channel_multiplier != 1 else []
-            parts += [f"mask{m.seed}"] if m.seed else []
-        return " ".join([*parts, f"seed{self.seed}"])
+        """The paper's name with what tells it apart, e.g. ``ResNet-18 0.9-Shallow (width 0.25, seed 1)``."""
+        m = self.mask
+        details = [f"width {self.width:g}"] if self.width != 1 else []
+        details += [f"seed {self.seed}"] + ([f"mask seed {m.seed}"] if m.seed else [])
+        label = paper_label(self.arch, m.shallow_ratio, m.deep_ratio, m.variant, m.channel_multiplier)
+        return f"{label} ({', '.join(details)})"
 
     def recipe_config(self) -> Recipe:
         """The resolved training recipe (named recipe with the overrides applied)."""
         return get_recipe(self.recipe, **dict(self.recipe_overrides))
 
-    def create(self, data: Dataset) -> Classifier:
+    def create(self, data: "Dataset") -> Classifier:
         """The untrained network for ``data`` (its size, classes and statistics), initialised
         under ``seed`` and masked under ``mask.seed``."""
         torch.manual_seed(self.seed)
@@ -205,39 +218,31 @@ class ModelSpec:
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelSpec":
         """The spec ``to_dict`` wrote; a ``UserError`` if it was written under other definitions."""
         d = dict(d)
-        definitions = {"revision": d.pop("revision", None), "data_scheme": d.pop("data_scheme", None)}
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise UserError(f"unknown model spec field(s): {', '.join(sorted(unknown))}")
-        d["mask"] = MaskConfig.from_dict(d.get("mask", {}))
-        spec = cls(**d)
+        written = {"revision": d.pop("revision", None), "data_scheme": d.pop("data_scheme", None)}
+        checks.known_fields(d, [f.name for f in fields(cls)], "model spec")
+        spec = cls(**{**d, "mask": MaskConfig.from_dict(d.get("mask", {}))})
         current = {"revision": model_revision(spec.arch), "data_scheme": DATA_SCHEME}
-        if definitions != current:
-            differ = ", ".join(f"{k} {definitions[k]!r} (this version: {current[k]!r})" for k in current
-                               if definitions[k] != current[k])
+        if written != current:
+            differ = ", ".join(f"{k} {written[k]!r} (this version: {current[k]!r})" for k in current
+                               if written[k] != current[k])
             raise UserError(f"model spec of {spec.arch} was written under other definitions: {differ}; "
                             "this version cannot rebuild that model (retrain it)")
         return spec
 
 
 def _subset(value: Any, what: str) -> int | None:
-    if value is None:
-        return None
-    value = _number(value, what, int)
-    if value < 1:
-        raise UserError(f"{what} must be a positive integer, got {value!r}")
-    return value
+    return None if value is None else checks.positive_int(value, what)
 
 
 def _canonical_mask(mask: MaskConfig) -> MaskConfig:
-    shallow = _number(mask.shallow_ratio, "shallow_ratio", float)
-    deep = _number(mask.deep_ratio, "deep_ratio", float)
+    shallow, deep = checks.ratio(mask.shallow_ratio, "shallow_ratio"), checks.ratio(mask.deep_ratio, "deep_ratio")
     if shallow == 0 and deep == 0:
         # No layer is masked: seed, variant and multiplier leave the network untouched.
         return MaskConfig()
     # A "channel" (DC) network is narrower and has no masks: its mask seed changes nothing.
-    seed = 0 if mask.variant == "channel" else _number(mask.seed, "mask seed", int)
-    return MaskConfig(shallow, deep, mask.variant, _number(mask.channel_multiplier, "channel_multiplier", float), seed)
+    seed = 0 if mask.variant == "channel" else checks.seed(mask.seed, "mask seed")
+    return MaskConfig(shallow, deep, mask.variant, float(checks.positive(mask.channel_multiplier, "channel_multiplier")),
+                      seed)
 
 
 @dataclass(frozen=True)
@@ -256,9 +261,15 @@ class EnsembleSpec:
             raise UserError(f"an ensemble needs at least 2 members, got {len(members)}")
         if len({m.model_id for m in members}) != len(members):
             raise UserError("ensemble members must be different models")
-        if self.combine not in COMBINE:
-            raise UserError(f"unknown ensemble combination {self.combine!r}; choose one of {', '.join(COMBINE)}")
+        checks.choice(self.combine, COMBINE, "ensemble combination")
         object.__setattr__(self, "members", members)
+
+    @property
+    def label(self) -> str:
+        """The paper's name of the ensemble, e.g. ``ResNet-18 0.5-Shallow EN``."""
+        m = self.members[0]
+        return paper_label(m.arch, m.mask.shallow_ratio, m.mask.deep_ratio, m.mask.variant,
+                           m.mask.channel_multiplier, ensemble=True)
 
     @property
     def member_ids(self) -> list[str]:
@@ -276,5 +287,45 @@ class EnsembleSpec:
         return cls(tuple(ModelSpec.from_dict(m) for m in d["members"]), d.get("combine", "mean_logits"))
 
 
-__all__ = ["COMBINE", "EnsembleSpec", "ID_LENGTH", "ModelSpec", "canonical_json", "canonical_recipe_overrides", "data_identity",
-           "short_hash"]
+# -- the attack matrix -----------------------------------------------------------------------------
+# A matrix cell is identified by these columns; a second row with the same values is the same fact.
+MATRIX_KEY = ("protocol", "source_id", "target_id", "attack", "attack_params", "limit")
+
+
+def matrix_key(row: Mapping[str, Any]) -> tuple:
+    """The identity of a matrix cell (``MATRIX_KEY`` values; a missing source is ``None``)."""
+    return tuple(row.get(c) for c in MATRIX_KEY)
+
+
+@dataclass(frozen=True)
+class MatrixCell:
+    """One fact of the attack matrix, keyed exactly as the store keys its ``matrix`` rows.
+
+    Attributes:
+        protocol: a name from ``rm_sweep.protocols.PROTOCOLS``.
+        source_id: the model or ensemble the adversarial images are crafted on; None for the
+            protocols without a source (noise, shuffle, query).
+        target_id: the model or ensemble evaluated.
+        target_kind: ``model`` or ``ensemble``.
+        attack: the attack setting's name (``rm_sweep.attacks.SETTINGS``) or the protocol's.
+        attack_params: canonical JSON of what the cell's images depend on: the setting's
+            ``params()``, ``{"sigma_255": s}`` for noise, ``{"patches": n}`` for shuffle.
+        limit: at most this many test images are used.
+    """
+
+    protocol: str
+    source_id: str | None
+    target_id: str
+    target_kind: str
+    attack: str
+    attack_params: str
+    limit: int
+
+    def key(self) -> tuple:
+        """The store's ``matrix_key`` of this cell."""
+        return matrix_key(asdict(self))
+
+
+__all__ = ["ARCH_NAMES", "COMBINE", "DATA_KINDS", "DATA_SCHEME", "DataSpec", "EnsembleSpec", "ID_LENGTH", "MATRIX_KEY",
+           "MatrixCell", "ModelSpec", "canonical_json", "data_identity", "matrix_key", "paper_label",
+           "parse_data_spec", "short_hash"]

@@ -23,14 +23,10 @@ matrix rows (the matrix command's driver does).
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import functools
 import hashlib
 import io
-import json
 import os
-import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,101 +37,19 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from torch import nn
 
-import rm_sweep
+from rm_sweep import checks, tables
 from rm_sweep.atomic import atomic_write_bytes
 from rm_sweep.errors import UserError
 from rm_sweep.masks import MaskConfig
 from rm_sweep.models import checkpoint_bytes, count_parameters, load_checkpoint
-from rm_sweep.spec import EnsembleSpec, ModelSpec, canonical_json
+from rm_sweep.spec import MATRIX_KEY, EnsembleSpec, ModelSpec, canonical_json, matrix_key
 
-_TIME = pa.timestamp("us", tz="UTC")
-
-MODELS_SCHEMA = pa.schema([
-    ("model_id", pa.string()),
-    ("architecture", pa.string()),
-    ("width", pa.float64()),
-    ("dataset", pa.string()),
-    ("train_subset", pa.int64()),
-    ("test_subset", pa.int64()),
-    ("variant", pa.string()),
-    ("shallow_ratio", pa.float64()),
-    ("deep_ratio", pa.float64()),
-    ("channel_multiplier", pa.float64()),
-    ("seed", pa.int64()),
-    ("mask_seed", pa.int64()),
-    ("recipe", pa.string()),
-    ("epochs", pa.int64()),
-    ("clean_accuracy", pa.float64()),
-    ("train_accuracy", pa.float64()),
-    ("train_loss", pa.float64()),
-    ("train_seconds", pa.float64()),
-    ("parameters", pa.int64()),
-    ("checkpoint", pa.string()),
-    ("config", pa.string()),
-    ("code_version", pa.string()),
-    ("created_at", _TIME),
-])
-
-ENSEMBLES_SCHEMA = pa.schema([
-    ("ensemble_id", pa.string()),
-    ("members", pa.list_(pa.string())),
-    ("combine", pa.string()),
-    ("n_members", pa.int64()),
-    ("architecture", pa.string()),
-    ("dataset", pa.string()),
-    ("variant", pa.string()),
-    ("shallow_ratio", pa.float64()),
-    ("deep_ratio", pa.float64()),
-    ("channel_multiplier", pa.float64()),
-    ("config", pa.string()),
-    ("created_at", _TIME),
-])
-
-MATRIX_SCHEMA = pa.schema([
-    ("protocol", pa.string()),
-    ("source_id", pa.string()),
-    ("target_id", pa.string()),
-    ("target_kind", pa.string()),
-    ("attack", pa.string()),
-    ("attack_params", pa.string()),
-    ("limit", pa.int64()),
-    ("eps_255", pa.float64()),
-    ("sigma_255", pa.float64()),
-    ("patches", pa.int64()),
-    ("n_crafted", pa.int64()),
-    ("n_fooled_source", pa.int64()),
-    ("n_evaluated", pa.int64()),
-    ("n_defended", pa.int64()),
-    ("defense_rate", pa.float64()),
-    ("code_version", pa.string()),
-    ("created_at", _TIME),
-])
-
-# A matrix cell is identified by these columns; a second row with the same values is the same fact.
-MATRIX_KEY = ("protocol", "source_id", "target_id", "attack", "attack_params", "limit")
-# Filled by the store: numbers promoted out of attack_params, provenance.
-_MATRIX_DERIVED = ("eps_255", "sigma_255", "patches", "code_version", "created_at")
-TABLES = {"models": MODELS_SCHEMA, "matrix": MATRIX_SCHEMA, "ensembles": ENSEMBLES_SCHEMA}
+RUN_DIR = "_ray"  # Ray's run storage inside the store; "_" hides it from Parquet readers
 
 
 def default_store_uri() -> str:
     """``$RM_SWEEP_STORE`` or ``store`` (a directory in the working directory)."""
     return os.environ.get("RM_SWEEP_STORE") or "store"
-
-
-@functools.cache
-def code_version() -> str:
-    """``rm_sweep.__version__``, plus ``+g<commit>`` (and ``.dirty``) when run from a git checkout."""
-    version = rm_sweep.__version__
-    repo = Path(rm_sweep.__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return version
-    return f"{version}+g{commit}" + (".dirty" if dirty else "")
 
 
 def resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -146,15 +60,6 @@ def resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
         return pafs.FileSystem.from_uri(uri)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise UserError(f"{uri}: {str(exc).splitlines()[0]}") from None
-
-
-def matrix_key(row: Mapping[str, Any]) -> tuple:
-    """The identity of a matrix cell (``MATRIX_KEY`` values; a missing source is ``None``)."""
-    return tuple(row.get(c) for c in MATRIX_KEY)
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
 
 
 class Store:
@@ -206,7 +111,26 @@ class Store:
             return self.path("checkpoints", f"{model_id}.pt")
         return f"{self._scheme}://{self.path('checkpoints', model_id + '.pt')}"
 
+    def run_location(self, *parts: str) -> str:
+        """Where Ray keeps its run state (``STORE/_ray/...``): shared storage on a cluster, so a
+        trial whose node is lost resumes elsewhere. Only weights-only training states and Ray
+        Train's JSON snapshots are read back from it (docs/security.md)."""
+        return self.location(RUN_DIR, *parts)
+
+    def remove_training_state(self, model_id: str) -> None:
+        """Delete a stored model's Ray Train run (``_ray/train/<model_id>``): once the model is in
+        the store its training state is of no further use."""
+        path = self.path(RUN_DIR, "train", model_id)
+        if self._fs.get_file_info(path).type == pafs.FileType.Directory:
+            self._fs.delete_dir(path)
+
     # -- reading -------------------------------------------------------------------------------
+    def missing(self, specs: Sequence[ModelSpec]) -> list[ModelSpec]:
+        """The specs (in order) whose model the store does not hold: the one rule for "what is
+        left to train", used by every command."""
+        stored = self.model_ids()
+        return [s for s in specs if s.model_id not in stored]
+
     def models(self) -> pd.DataFrame:
         """One row per trained model (columns: ``MODELS_SCHEMA``), oldest first."""
         return self._frame("models", ["created_at", "model_id"])
@@ -274,37 +198,9 @@ class Store:
         if built != spec:
             raise UserError(f"checkpoint of {spec.model_id} holds {config.arch} width {config.width} with "
                             f"{config.mask}, not the spec's {spec.arch} width {spec.width} with {spec.mask}")
-        missing = [k for k in ("clean_accuracy", "epochs") if k not in metrics]
-        if missing:
-            raise UserError(f"metrics of {spec.model_id} lack {', '.join(missing)}")
-        model_id = spec.model_id
-        self._write(self.path("checkpoints", f"{model_id}.pt"), data)
-        row = {
-            "model_id": model_id,
-            "architecture": spec.arch,
-            "width": spec.width,
-            "dataset": spec.data,
-            "train_subset": spec.train_subset,
-            "test_subset": spec.test_subset,
-            "variant": spec.mask.variant,
-            "shallow_ratio": spec.mask.shallow_ratio,
-            "deep_ratio": spec.mask.deep_ratio,
-            "channel_multiplier": spec.mask.channel_multiplier,
-            "seed": spec.seed,
-            "mask_seed": spec.mask.seed,
-            "recipe": spec.recipe,
-            "epochs": int(metrics["epochs"]),
-            "clean_accuracy": float(metrics["clean_accuracy"]),
-            "train_accuracy": _float_or_none(metrics.get("train_accuracy")),
-            "train_loss": _float_or_none(metrics.get("train_loss")),
-            "train_seconds": _float_or_none(metrics.get("train_seconds")),
-            "parameters": count_parameters(model),
-            "checkpoint": self.checkpoint_location(model_id),
-            "config": canonical_json(spec.to_dict()),
-            "code_version": code_version(),
-            "created_at": _now(),
-        }
-        self._write_table(self.path("models", f"{model_id}.parquet"), [row], MODELS_SCHEMA)
+        row = tables.model_row(spec, metrics, count_parameters(model), self.checkpoint_location(spec.model_id))
+        self._write(self.path("checkpoints", f"{spec.model_id}.pt"), data)
+        self._write_table(self.path("models", f"{spec.model_id}.parquet"), [row], tables.MODELS_SCHEMA)
         return row
 
     def add_ensemble(self, ensemble: EnsembleSpec) -> bool:
@@ -315,22 +211,8 @@ class Store:
         missing = [m for m in ensemble.member_ids if m not in stored]
         if missing:
             raise UserError(f"ensemble {ensemble.ensemble_id}: member model(s) {', '.join(missing)} are not in the store")
-        first = ensemble.members[0]
-        row = {
-            "ensemble_id": ensemble.ensemble_id,
-            "members": ensemble.member_ids,
-            "combine": ensemble.combine,
-            "n_members": len(ensemble.members),
-            "architecture": first.arch,
-            "dataset": first.data,
-            "variant": first.mask.variant,
-            "shallow_ratio": first.mask.shallow_ratio,
-            "deep_ratio": first.mask.deep_ratio,
-            "channel_multiplier": first.mask.channel_multiplier,
-            "config": canonical_json(ensemble.to_dict()),
-            "created_at": _now(),
-        }
-        self._write_table(self.path("ensembles", f"{ensemble.ensemble_id}.parquet"), [row], ENSEMBLES_SCHEMA)
+        self._write_table(self.path("ensembles", f"{ensemble.ensemble_id}.parquet"), [tables.ensemble_row(ensemble)],
+                          tables.ENSEMBLES_SCHEMA)
         return True
 
     def add_ensembles(self, ensembles: Iterable[EnsembleSpec]) -> int:
@@ -347,20 +229,14 @@ class Store:
         and ``target_kind``. ``eps_255``, ``sigma_255`` and ``patches`` are copied out of
         ``attack_params`` so they can be filtered as numbers.
         """
-        given = [c.name for c in MATRIX_SCHEMA if c.name not in _MATRIX_DERIVED]
         present = self.matrix_keys()
         new: dict[tuple, dict[str, Any]] = {}
-        now, version = _now(), code_version()
+        now = tables.now()
         for i, row in enumerate(rows):
-            missing = [c for c in given if c not in row]
-            if missing:
-                raise UserError(f"matrix row {i} lacks {', '.join(missing)}")
-            row = {c: row[c] for c in given}
-            params = row["attack_params"]
-            params = json.loads(params) if isinstance(params, str) else dict(params)
-            row["attack_params"] = canonical_json(params)
-            row.update({k: params.get(k) for k in ("eps_255", "sigma_255", "patches")},
-                       code_version=version, created_at=now)
+            try:
+                row = tables.matrix_row(row, now)
+            except UserError as exc:
+                raise UserError(f"matrix row {i} {exc}") from None
             key = matrix_key(row)
             if key not in present and key not in new:
                 new[key] = row
@@ -368,7 +244,7 @@ class Store:
             return 0
         keys = sorted(new, key=canonical_json)
         name = hashlib.sha256(canonical_json(keys).encode()).hexdigest()[:16]
-        self._write_table(self.path("matrix", f"{name}.parquet"), [new[k] for k in keys], MATRIX_SCHEMA)
+        self._write_table(self.path("matrix", f"{name}.parquet"), [new[k] for k in keys], tables.MATRIX_SCHEMA)
         return len(new)
 
     # -- files ---------------------------------------------------------------------------------
@@ -385,13 +261,19 @@ class Store:
     def _files(self, table: str) -> list[str]:
         return [i.path for i in self._infos(table)]
 
+    def arrow(self, table: str) -> pa.Table:
+        """Table ``table`` (``models``, ``matrix`` or ``ensembles``) as one Arrow table in its
+        schema: what every reader of the store (pandas, SQL, figures) reads."""
+        checks.choice(table, tables.TABLES, "table")
+        return self._table(table)
+
     def _table(self, table: str) -> pa.Table:
-        schema = TABLES[table]
+        schema = tables.TABLES[table]
         parts = []
         for info in self._infos(table):
             key = (info.path, info.size, info.mtime_ns)
             if key not in self._cache:
-                self._cache[key] = _conform(self._read_parquet(info.path), schema)
+                self._cache[key] = tables.conform(self._read_parquet(info.path), schema)
             parts.append(self._cache[key])
         return pa.concat_tables(parts) if parts else schema.empty_table()
 
@@ -424,16 +306,4 @@ class Store:
                 f.write(data)
 
 
-def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """``table`` with exactly ``schema``'s columns: missing ones (files of older versions) null."""
-    columns = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
-               for f in schema]
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
-def _float_or_none(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
-__all__ = ["ENSEMBLES_SCHEMA", "MATRIX_KEY", "MATRIX_SCHEMA", "MODELS_SCHEMA", "Store", "TABLES", "code_version",
-           "default_store_uri", "matrix_key", "resolve_uri"]
+__all__ = ["RUN_DIR", "Store", "default_store_uri", "resolve_uri"]

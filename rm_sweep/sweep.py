@@ -14,41 +14,28 @@ import math
 
 import pandas as pd
 
-from rm_sweep.errors import UserError, cli_main
+from rm_sweep import cli, pipeline
+from rm_sweep.errors import cli_main
 from rm_sweep.spaces import SearchSpace, load_space
-from rm_sweep.store import Store, default_store_uri
+from rm_sweep.store import Store
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m rm_sweep.sweep", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("python -m rm_sweep.sweep", __doc__.split("\n\n")[0])
     p.add_argument("space", help="search space file (search_spaces/*.yaml; schema: docs/search_spaces.md)")
-    p.add_argument("--store", default=default_store_uri(),
-                   help="store directory or s3:// URI (default: $RM_SWEEP_STORE or ./store)")
-    p.add_argument("--address", help="Ray cluster to use (auto, ray://HOST:10001); default: a local Ray instance")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
-    p.add_argument("--cpus-per-trial", type=float, help="override the space's resources.cpus_per_trial")
-    p.add_argument("--gpus-per-trial", type=float,
+    cli.add_pipeline(p)
+    p.add_argument("--num-cpus", type=cli.count(), help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--cpus-per-trial", type=cli.positive(),
+                   help="override the space's resources.cpus_per_trial")
+    p.add_argument("--gpus-per-trial", type=cli.positive(strict=False),
                    help="override resources.gpus_per_trial; a fraction (0.25) lets small models share a GPU")
-    p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster's resources hold)")
-    p.add_argument("--resume", action="store_true",
-                   help="restore the previous run of this space (Tuner.restore) before training what is missing")
-    p.add_argument("--data", help="override the space's data set: cifar10, mnist or folder:PATH")
-    p.add_argument("--data-dir", help="downloads and decoded caches (default $RM_SWEEP_DATA_DIR or ~/.cache/rm_sweep)")
+    p.add_argument("--max-concurrent", type=cli.count(),
+                   help="trials at once (default: what the cluster's resources hold)")
     p.add_argument("--dry-run", action="store_true", help="list the models and whether the store has them; train nothing")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile each model (default: on for trials with a GPU, with CUDA graphs)")
     p.add_argument("--quiet", action="store_true", help="no progress table")
     return p.parse_args(argv)
-
-
-def _check_flags(args: argparse.Namespace) -> None:
-    for name in ("cpus_per_trial", "num_cpus", "max_concurrent"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.gpus_per_trial is not None and args.gpus_per_trial < 0:
-        raise UserError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
 
 
 def summary(space: SearchSpace, store: Store, failed: dict[str, str] | None = None) -> pd.DataFrame:
@@ -64,33 +51,34 @@ def summary(space: SearchSpace, store: Store, failed: dict[str, str] | None = No
     return pd.DataFrame(rows)
 
 
+def _print_summary(space: SearchSpace, store: Store, failed: dict[str, str] | None = None) -> None:
+    print(summary(space, store, failed).to_string(index=False, na_rep="-", float_format=lambda x: f"{x:.4g}"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    _check_flags(args)
     space = load_space(args.space, data=args.data)
     store = Store(args.store)
-    stored = store.model_ids()
-    missing = [s for s in space.models() if s.model_id not in stored]
-    if args.dry_run or not missing:
-        if not args.dry_run:
-            store.add_ensembles(space.ensembles())  # members may have come from other spaces' sweeps
+    if args.dry_run:
+        missing = store.missing(space.models())
         print(f"{space.name}: {len(space.models()) - len(missing)} of {len(space.models())} models in {store.uri}")
-        print(summary(space, store).to_string(index=False, na_rep="-", float_format=lambda x: f"{x:.4g}"))
+        _print_summary(space, store)
         return 0
-    # Ray is imported only now: a bad space or flag has failed before it, and a finished sweep never needs it.
-    from rm_sweep.orchestration.sweep import run_sweep
-
-    result = run_sweep(space, store, address=args.address, num_cpus=args.num_cpus, cpus_per_trial=args.cpus_per_trial,
-                       gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, resume=args.resume,
-                       data_dir=args.data_dir, compile=args.compile, verbose=0 if args.quiet else 1)
-    print(f"\n{space.name}: {len(result.trained)} trained, {len(result.skipped)} already in {store.uri}, "
-          f"{len(result.failed)} failed, {len(result.unfinished)} unfinished ({result.seconds:.0f} s)")
-    print(summary(space, store, result.failed).to_string(index=False, na_rep="-", float_format=lambda x: f"{x:.4g}"))
+    result = pipeline.train(space, store, address=args.address, num_cpus=args.num_cpus,
+                            cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                            max_concurrent=args.max_concurrent, data_dir=args.data_dir, compile=args.compile,
+                            verbose=0 if args.quiet else 1)
+    if not result.trained and not result.failed and not result.unfinished:
+        print(f"{space.name}: {len(result.skipped)} of {len(space.models())} models in {store.uri}")
+    else:
+        print(f"\n{space.name}: {len(result.trained)} trained, {len(result.skipped)} already in {store.uri}, "
+              f"{len(result.failed)} failed, {len(result.unfinished)} unfinished ({result.seconds:.0f} s)")
+    _print_summary(space, store, result.failed)
     for model_id, error in result.failed.items():
         print(f"failed {model_id}: {error}")
     if result.unfinished:
-        print("interrupted: run the same command again (or with --resume) to continue; "
-              "each unfinished model resumes from its last finished epoch")
+        print("interrupted: run the same command again to continue; each unfinished model resumes from its last "
+              "finished epoch")
     return 0 if result.ok else 1
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import pandas as pd
 
 import rm_sweep
+from rm_sweep import cli, pipeline
 from rm_sweep.errors import UserError, cli_main
 from rm_sweep.figures import check_png_path, draw_fig14, fig14_cells, fig14_rows, fig14_summary, is_paper_setting
-from rm_sweep.matrix import add_common_arguments, complete
 from rm_sweep.paper_results import fig14_points
 from rm_sweep.spaces import load_space
 from rm_sweep.store import Store
@@ -35,10 +35,9 @@ def default_space() -> Path:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m rm_sweep.tradeoff", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser("python -m rm_sweep.tradeoff", __doc__.split("\n\n")[0])
     parser.add_argument("--space", default=None, help=f"search space file (default: {QUICK})")
-    add_common_arguments(parser)
+    cli.add_pipeline(parser)
     parser.add_argument("--out", default="fig14.png", help="figure file (PNG; an SVG is written beside it)")
     parser.add_argument("--paper", choices=("auto", "on", "off"), default="auto",
                         help="overlay the paper's points: auto = only when the space trains models as the paper "
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if not fig14_cells(space):
         raise UserError(f"{space_path}: no Fig. 14 cells (black-box madry_fgsm / madry_pgd from a normal resnet18 "
                         "onto resnet18 targets with shallow masks); see search_spaces/fig14.yaml")
-    done = complete(space, store, address=args.address, data_dir=args.data_dir)
+    done = pipeline.complete(space, store, address=args.address, data_dir=args.data_dir)
     rows = fig14_rows(store, space)
     summary = fig14_summary(rows)
     paper_scale = is_paper_setting(store, rows)

@@ -16,7 +16,6 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,95 +24,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from rm_sweep import cli
 from rm_sweep.atomic import atomic_torch_save
-from rm_sweep.data import AUGMENTATIONS, Dataset, DeviceLoader, load_dataset, parse_data_spec
+from rm_sweep.data import Dataset, DeviceLoader, load_dataset
 from rm_sweep.errors import UserError, cli_main
 from rm_sweep.masks import MaskConfig
-from rm_sweep.models import count_parameters, create_model, list_models, save_checkpoint
+from rm_sweep.models import check_arch, count_parameters, create_model, save_checkpoint
+from rm_sweep.recipes import RECIPES, Recipe, get_recipe
+from rm_sweep.spec import parse_data_spec
 
 STATE_FILE = "train_state.pt"
 _STATE_FORMAT = "rm_sweep.train_state/1"
 EVAL_BATCH = 1000  # evaluation holds no activations for backward: large batches are cheap
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How a model is trained: SGD(momentum, weight_decay, nesterov=False) and a MultiStepLR.
-
-    ``milestones`` are the epochs after which the learning rate is multiplied by ``gamma``.
-    ``augment`` is one of ``rm_sweep.data.AUGMENTATIONS`` or ``auto`` (the data set's own:
-    crop+flip for CIFAR-10 and folders, flip for MNIST, as in the paper).
-    """
-
-    name: str
-    epochs: int
-    lr: float
-    milestones: tuple[int, ...]
-    gamma: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 128
-    augment: str = "auto"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise UserError(f"epochs must be a positive integer, got {self.epochs!r}")
-        if not self.lr > 0:
-            raise UserError(f"lr must be positive, got {self.lr!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 2:
-            raise UserError(f"batch_size must be an integer of at least 2 (BatchNorm), got {self.batch_size!r}")
-        if list(self.milestones) != sorted(set(self.milestones)) or any(m < 1 for m in self.milestones):
-            raise UserError(f"milestones must be increasing positive epochs, got {list(self.milestones)}")
-        if self.augment not in ("auto", *AUGMENTATIONS):
-            raise UserError(f"unknown augmentation {self.augment!r}; choose auto, {', '.join(AUGMENTATIONS)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["milestones"] = list(self.milestones)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise UserError(f"unknown recipe field(s): {', '.join(sorted(unknown))}")
-        return cls(**{**d, "milestones": tuple(d.get("milestones", ()))})
-
-
-RECIPES: dict[str, Recipe] = {
-    # The paper's CIFAR-10 schedule (Sec. D of the appendix and the authors' code).
-    "paper": Recipe("paper", epochs=350, lr=0.1, milestones=(150, 250)),
-    # The paper's MNIST schedule; augmentation "auto" gives MNIST its flip-only augmentation.
-    "paper-mnist": Recipe("paper-mnist", epochs=50, lr=0.1, milestones=(20, 40)),
-    # A CPU-sized run: ResNet-18 at width 0.25 on 5,000 images reached 51 % on 1,000 test images
-    # in 11 CPU-minutes (2 threads). Few epochs need many steps, hence batch 64; lr 0.05 is stable
-    # without warm-up for BatchNorm ResNets at that batch size; two /10 steps (after 60 % and 80 %
-    # of training) end it in a low-lr phase, which is what lifts test accuracy in short runs.
-    "quick": Recipe("quick", epochs=10, lr=0.05, milestones=(6, 8), batch_size=64),
-}
-
-
-def get_recipe(name: str, **overrides: Any) -> Recipe:
-    """A named recipe with fields replaced by ``overrides`` (``None`` values are ignored).
-
-    Overriding ``epochs`` without ``milestones`` moves the milestones to the same fractions of
-    the new length, so ``get_recipe("paper", epochs=35)`` decays at epochs 15 and 25.
-    """
-    if name not in RECIPES:
-        raise UserError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
-    base = RECIPES[name]
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    unknown = set(overrides) - set(Recipe.__dataclass_fields__)
-    if unknown:
-        raise UserError(f"unknown recipe field(s): {', '.join(sorted(unknown))}")
-    if "epochs" in overrides and "milestones" not in overrides:
-        epochs = overrides["epochs"]
-        if isinstance(epochs, int) and epochs >= 1:
-            scaled = {round(m * epochs / base.epochs) for m in base.milestones}
-            overrides["milestones"] = tuple(sorted(m for m in scaled if 1 <= m < epochs))
-    if "milestones" in overrides:
-        overrides["milestones"] = tuple(overrides["milestones"])
-    return replace(base, **overrides)
 
 
 def resolve_device(device: torch.device | str | None = None) -> torch.device:
@@ -326,31 +248,31 @@ def _read_state(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m rm_sweep.train",
-        description="Train one (Random Mask) model; rerunning the same command resumes it. "
-                    "Writes OUT/model.pt and prints one JSON line of results.")
+    p = cli.parser("python -m rm_sweep.train", "Train one (Random Mask) model; rerunning the same command resumes "
+                                               "it. Writes OUT/model.pt and prints one JSON line of results.")
     p.add_argument("--data", required=True, help="cifar10, mnist or folder:PATH (ImageFolder with train/ and test/)")
     p.add_argument("--data-dir", help="downloads and decoded caches (default $RM_SWEEP_DATA_DIR or ~/.cache/rm_sweep)")
     p.add_argument("--arch", required=True, help="architecture, e.g. resnet18 (see rm_sweep.models.list_models)")
-    p.add_argument("--width", type=float, default=1.0, help="channel width factor of the whole network")
+    p.add_argument("--width", type=cli.positive(), default=1.0, help="channel width factor of the whole network")
     p.add_argument("--shallow", type=float, default=0.0, help="drop ratio of the shallow blocks")
     p.add_argument("--deep", type=float, default=0.0, help="drop ratio of the deep blocks")
     p.add_argument("--variant", default="random", help="mask variant: random, same or channel")
     p.add_argument("--channel-multiplier", type=float, default=1.0, help="width factor of the masked blocks")
-    p.add_argument("--seed", type=int, default=0, help="weight init, data order and augmentation")
-    p.add_argument("--mask-seed", type=int, help="which neurons are masked (default: --seed)")
+    p.add_argument("--seed", type=cli.seed(), default=0, help="weight init, data order and augmentation")
+    p.add_argument("--mask-seed", type=cli.seed(), help="which neurons are masked (default: --seed)")
     p.add_argument("--recipe", help=f"one of {', '.join(RECIPES)} (default: paper-mnist for mnist, else paper)")
-    p.add_argument("--epochs", type=int, help="override the recipe's epochs (milestones keep their fractions)")
-    p.add_argument("--lr", type=float, help="override the initial learning rate")
+    p.add_argument("--epochs", type=cli.count(), help="override the recipe's epochs (milestones keep their fractions)")
+    p.add_argument("--lr", type=cli.positive(), help="override the initial learning rate")
     p.add_argument("--milestones", help="override the lr milestones, e.g. 150,250 ('' for none)")
-    p.add_argument("--batch-size", type=int, help="override the batch size")
-    p.add_argument("--train-subset", type=int, help="train on N images, equal per class (fixed, seed 0)")
-    p.add_argument("--test-subset", type=int, help="test on N images, equal per class (fixed, seed 0)")
+    p.add_argument("--batch-size", type=cli.count(), help="override the batch size")
+    p.add_argument("--train-subset", type=cli.count(),
+                   help="train on N images, equal per class (fixed, seed 0)")
+    p.add_argument("--test-subset", type=cli.count(),
+                   help="test on N images, equal per class (fixed, seed 0)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the model (default: on CUDA, with CUDA graphs; off on the CPU)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core)")
+    p.add_argument("--threads", type=cli.count(), help="CPU threads for torch (default: torch's choice, one per core)")
     p.add_argument("--out", required=True, help="run directory: training state, model.pt")
     return p.parse_args(argv)
 
@@ -366,11 +288,8 @@ def _parse_milestones(text: str | None) -> tuple[int, ...] | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    if args.arch not in list_models():  # before minutes of data decoding, not after
-        raise UserError(f"unknown architecture {args.arch!r}; choose one of {', '.join(list_models())}")
+    check_arch(args.arch)  # before minutes of data decoding, not after
     if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     spec = parse_data_spec(args.data)
     recipe = get_recipe(args.recipe or ("paper-mnist" if spec.kind == "mnist" else "paper"),
@@ -399,8 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["RECIPES", "Recipe", "compile_for_training", "compiles_by_default", "evaluate_accuracy", "fit",
-           "get_recipe", "resolve_device", "train_epoch"]
+__all__ = ["compile_for_training", "compiles_by_default", "evaluate_accuracy", "fit",
+           "resolve_device", "train_epoch"]
 
 if __name__ == "__main__":
     cli_main(main)

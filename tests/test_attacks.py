@@ -1,22 +1,21 @@
 """FGSM, PGD and CW-L2 as the paper defines them, MI-FGSM as Dong et al. do, and the named settings table."""
 from __future__ import annotations
 
+import dataclasses
 import math
-from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
-from PIL import Image
-from torchvision.transforms.functional import pil_to_tensor
 
 from rm_sweep.attacks import (
     PAPER_TABLE_COLUMNS,
     SETTINGS,
-    Attack,
+    CWL2,
+    FGSM,
+    PGD,
     AttackSetting,
     cw_l2,
     fgsm,
@@ -29,90 +28,12 @@ from rm_sweep.attacks import (
 from rm_sweep.errors import UserError
 from rm_sweep.masks import MaskConfig
 from rm_sweep.models import create_model
+from attack_models import random_batch, untrained_cnn
 
-LINF_SETTINGS = [name for name, s in SETTINGS.items() if s.attack is not Attack.CW_L2 and name != "mnist_pgd"]
-
-
-class TinyCNN(nn.Module):
-    """A small CIFAR-shaped classifier with the zoo's contract: input in [0, 1], normalises itself."""
-
-    def __init__(self, width: int = 8, classes: int = 10) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor([0.49, 0.48, 0.45]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.25, 0.24, 0.26]).view(1, 3, 1, 1))
-        self.body = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-            nn.Flatten(), nn.Linear(8 * width, classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body((x - self.mean) / self.std)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: on shared CPUs two threads that wait on each other run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _load(folder: Path, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``per_class`` JPEGs of every class folder: uint8 (N, 3, 32, 32), int64 (N,)."""
-    images, labels = [], []
-    for label, class_dir in enumerate(sorted(p for p in folder.iterdir() if p.is_dir())):
-        for path in sorted(class_dir.iterdir())[:per_class]:
-            images.append(pil_to_tensor(Image.open(path).convert("RGB")))
-            labels.append(label)
-    return torch.stack(images), torch.tensor(labels)
-
-
-@pytest.fixture(scope="module")
-def cifar(cifar_folder: Path) -> dict[str, torch.Tensor]:
-    train_x, train_y = _load(cifar_folder / "train", 200)
-    test_x, test_y = _load(cifar_folder / "test", 30)
-    return {"train_x": train_x, "train_y": train_y, "test_x": test_x.float() / 255, "test_y": test_y}
-
-
-@pytest.fixture(scope="module")
-def trained(cifar: dict[str, torch.Tensor]) -> TinyCNN:
-    """A TinyCNN trained for a few seconds on 2000 CIFAR-10 images (~37 % test accuracy)."""
-    torch.manual_seed(0)
-    model = TinyCNN()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    x, y = cifar["train_x"].float() / 255, cifar["train_y"]
-    for _ in range(6):
-        for batch in torch.randperm(len(x)).split(64):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[batch]), y[batch]).backward()
-            optimizer.step()
-    model.eval()
-    accuracy = (model(cifar["test_x"]).argmax(1) == cifar["test_y"]).float().mean().item()
-    assert accuracy > 0.25, f"the test model did not learn (accuracy {accuracy:.2f})"
-    return model
-
-
-@pytest.fixture(scope="module")
-def correct(trained: TinyCNN, cifar: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Test images the trained model classifies correctly (the paper attacks only those)."""
-    with torch.no_grad():
-        ok = trained(cifar["test_x"]).argmax(1) == cifar["test_y"]
-    return cifar["test_x"][ok], cifar["test_y"][ok]
-
-
-def _batch(n: int = 16, seed: int = 0, dtype: torch.dtype = torch.float32, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random 8-bit images (on the k/255 grid, as real data) and labels."""
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, 3, size, size), generator=gen).to(dtype) / 255
-    return images, torch.randint(0, 10, (n,), generator=gen)
-
-
-def _model(dtype: torch.dtype = torch.float32, seed: int = 0) -> TinyCNN:
-    torch.manual_seed(seed)
-    return TinyCNN(width=8).to(dtype).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
+# The transfer settings in L-inf with budgets in pixel units of CIFAR images (MNIST's is larger).
+LINF_SETTINGS = [name for name, s in SETTINGS.items()
+                 if not isinstance(s.method, CWL2) and not s.query and name != "mnist_pgd"]
 
 
 def _fooled(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -145,9 +66,10 @@ def reference_pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
 @pytest.mark.parametrize("name", ["madry_fgsm", "fgsm32", "madry_pgd", "pgd16", "pgd16_step2"])
 def test_attacks_equal_a_per_image_torch_func_reference(name: str) -> None:
     setting = get_setting(name, quantise=False)
-    model, (images, labels) = _model(torch.float64), _batch(dtype=torch.float64)
-    eps = setting.eps_255 / 255
-    step, steps = (eps, 1) if setting.attack is Attack.FGSM else (setting.step_255 / 255, setting.steps)
+    model, (images, labels) = untrained_cnn(torch.float64), random_batch(dtype=torch.float64)
+    eps = setting.method.eps_255 / 255
+    fgsm_ = isinstance(setting.method, FGSM)
+    step, steps = (eps, 1) if fgsm_ else (setting.method.step_255 / 255, setting.method.steps)
     expected = reference_pgd(model, images, labels, eps, step, steps)
     got = setting.run(model, images, labels)
     assert (got - expected).abs().max().item() <= 1e-6
@@ -158,17 +80,17 @@ def test_attacks_equal_adversarial_robustness_toolbox(name: str) -> None:
     art_classifiers = pytest.importorskip("art.estimators.classification")
     art_evasion = pytest.importorskip("art.attacks.evasion")
     setting = get_setting(name, quantise=False)
-    model, (images, labels) = _model(), _batch()
+    model, (images, labels) = untrained_cnn(), random_batch()
     classifier = art_classifiers.PyTorchClassifier(
         model, loss=nn.CrossEntropyLoss(), input_shape=tuple(images.shape[1:]), nb_classes=10, clip_values=(0.0, 1.0),
         device_type="cpu",
     )
-    eps = setting.eps_255 / 255
-    if setting.attack is Attack.FGSM:
+    eps = setting.method.eps_255 / 255
+    if isinstance(setting.method, FGSM):
         attack = art_evasion.FastGradientMethod(classifier, norm=math.inf, eps=eps)
     else:
         attack = art_evasion.ProjectedGradientDescent(
-            classifier, norm=math.inf, eps=eps, eps_step=setting.step_255 / 255, max_iter=setting.steps,
+            classifier, norm=math.inf, eps=eps, eps_step=setting.method.step_255 / 255, max_iter=setting.method.steps,
             num_random_init=0, verbose=False,
         )
     expected = torch.from_numpy(attack.generate(images.numpy(), y=labels.numpy()))
@@ -183,31 +105,31 @@ def test_attacks_equal_adversarial_robustness_toolbox(name: str) -> None:
 @pytest.mark.parametrize("name", LINF_SETTINGS)
 def test_linf_perturbation_never_exceeds_eps_and_images_stay_in_unit_range(name: str, quantise: bool) -> None:
     setting = get_setting(name, quantise=quantise)
-    images, labels = _batch(32, seed=1)
-    adversarial = setting.run(_model(), images, labels)
+    images, labels = random_batch(32, seed=1)
+    adversarial = setting.run(untrained_cnn(), images, labels)
     assert adversarial.shape == images.shape and adversarial.dtype == images.dtype
-    assert (adversarial - images).abs().max().item() <= setting.eps_255 / 255 + 1e-6
+    assert (adversarial - images).abs().max().item() <= setting.method.eps_255 / 255 + 1e-6
     assert adversarial.min().item() >= 0.0 and adversarial.max().item() <= 1.0
-    assert (adversarial - images).abs().max().item() >= setting.eps_255 / 255 - 1e-6  # it does move
+    assert (adversarial - images).abs().max().item() >= setting.method.eps_255 / 255 - 1e-6  # it does move
 
 
 def test_quantised_results_are_8bit_levels() -> None:
-    images, labels = _batch(8)
-    adversarial = pgd(_model(), images, labels, 8 / 255, 2 / 255, 7, quantise=True)
+    images, labels = random_batch(8)
+    adversarial = pgd(untrained_cnn(), images, labels, 8 / 255, 2 / 255, 7, quantise=True)
     levels = adversarial * 255
     assert torch.equal(levels, levels.round())
     assert torch.equal(round_to_8bit(torch.tensor([0.0, 0.5 / 255 + 1e-4, 1.0])), torch.tensor([0.0, 1 / 255, 1.0]))
 
 
 def test_random_start_is_seeded_and_stays_in_the_ball() -> None:
-    model, (images, labels) = _model(), _batch(8)
+    model, (images, labels) = untrained_cnn(), random_batch(8)
     a, b, c = (pgd(model, images, labels, 8 / 255, 2 / 255, 3, random_start=True, seed=s) for s in (1, 1, 2))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert (a - images).abs().max().item() <= 8 / 255 + 1e-6
 
 
-def test_each_image_is_attacked_independently_of_its_batch() -> None:
-    model, (images, labels) = _model(torch.float64), _batch(12, dtype=torch.float64)
+def test_each_image_is_attacked_independently_of_itsrandom_batch() -> None:
+    model, (images, labels) = untrained_cnn(torch.float64), random_batch(12, dtype=torch.float64)
     whole = pgd(model, images, labels, 8 / 255, 2 / 255, 7)
     halves = torch.cat([pgd(model, images[:5], labels[:5], 8 / 255, 2 / 255, 7),
                         pgd(model, images[5:], labels[5:], 8 / 255, 2 / 255, 7)])
@@ -215,8 +137,8 @@ def test_each_image_is_attacked_independently_of_its_batch() -> None:
 
 
 def test_bf16_autocast_option_keeps_the_contract() -> None:
-    images, labels = _batch(8)
-    adversarial = pgd(_model(), images, labels, 8 / 255, 2 / 255, 3, amp=True)
+    images, labels = random_batch(8)
+    adversarial = pgd(untrained_cnn(), images, labels, 8 / 255, 2 / 255, 3, amp=True)
     assert (adversarial - images).abs().max().item() <= 8 / 255 + 1e-6
     assert 0.0 <= adversarial.min().item() and adversarial.max().item() <= 1.0
 
@@ -286,7 +208,7 @@ def test_model_runs_in_eval_mode_and_is_restored(attack: str, training: bool) ->
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
     seen: list[bool] = []
     model.register_forward_pre_hook(lambda module, args: seen.append(module.training))
-    images, labels = _batch(4, size=32)
+    images, labels = random_batch(4, size=32)
     ATTACKS[attack](model, images, labels)
     assert seen and not any(seen)
     assert {name: m.training for name, m in model.named_modules()} == modes_before
@@ -300,37 +222,38 @@ def test_model_runs_in_eval_mode_and_is_restored(attack: str, training: bool) ->
 @pytest.mark.parametrize(
     ("name", "attack", "eps_255", "step_255", "steps"),
     [
-        ("madry_fgsm", Attack.FGSM, 8, None, None),
-        ("madry_pgd", Attack.PGD, 8, 2, 7),
-        ("fgsm16", Attack.FGSM, 16, None, None),
-        ("fgsm32", Attack.FGSM, 32, None, None),
-        ("pgd16", Attack.PGD, 16, 1, 20),
-        ("pgd16_step2", Attack.PGD, 16, 2, 10),
-        ("pgd32", Attack.PGD, 32, 1, 40),
+        ("madry_fgsm", FGSM, 8, None, None),
+        ("madry_pgd", PGD, 8, 2, 7),
+        ("fgsm16", FGSM, 16, None, None),
+        ("fgsm32", FGSM, 32, None, None),
+        ("pgd16", PGD, 16, 1, 20),
+        ("pgd16_step2", PGD, 16, 2, 10),
+        ("pgd32", PGD, 32, 1, 40),
     ],
 )
 def test_linf_settings_are_the_papers(name, attack, eps_255, step_255, steps) -> None:
     setting = get_setting(name)
-    assert (setting.attack, setting.eps_255, setting.step_255, setting.steps) == (attack, eps_255, step_255, steps)
-    assert setting.random_start in (None, False) and setting.limit == 5000
+    m = setting.method
+    assert (type(m), m.eps_255, getattr(m, "step_255", None), getattr(m, "steps", None)) == (
+        attack, eps_255, step_255, steps)
+    assert getattr(m, "random_start", False) is False and setting.limit == 5000
 
 
 @pytest.mark.parametrize(("name", "kappa"), [("cw40", 40), ("cw20", 20)])
 def test_cw_settings_are_the_papers(name: str, kappa: float) -> None:
     setting = get_setting(name)
-    assert (setting.attack, setting.kappa, setting.search_steps, setting.limit) == (Attack.CW_L2, kappa, 30, 1000)
+    m = setting.method
+    assert (type(m), m.kappa, m.search_steps, setting.limit) == (CWL2, kappa, 30, 1000)
 
 
 @pytest.mark.parametrize("name", list_settings())
 def test_every_setting_records_its_parameters(name: str) -> None:
     setting = SETTINGS[name]
     params = setting.params()
-    assert params["attack"] == setting.attack.value and params["quantise"] is True
-    assert set(params) - {"attack", "quantise"} == {
-        f for f in ("eps_255", "step_255", "steps", "random_start", "kappa", "search_steps", "max_steps", "lr",
-                    "initial_const") if getattr(setting, f) is not None
-    }
+    assert params["method"] == setting.method.method and params["quantise"] is setting.quantise
+    assert set(params) - {"method", "quantise"} == {f.name for f in dataclasses.fields(setting.method)}
     assert all(isinstance(v, (bool, int, float, str)) for v in params.values())
+    assert AttackSetting.from_params(name, params, limit=setting.limit, source=setting.source) == setting
 
 
 def test_paper_table_columns_name_real_settings() -> None:
@@ -352,29 +275,29 @@ def test_unknown_setting_name_is_a_user_error() -> None:
 
 
 def test_unknown_override_is_a_user_error() -> None:
-    with pytest.raises(UserError, match="no field 'epsilon'"):
+    with pytest.raises(UserError, match="epsilon: unknown field"):
         get_setting("madry_pgd", epsilon=3)
 
 
 def test_inconsistent_setting_is_a_user_error() -> None:
-    with pytest.raises(UserError, match="fgsm does not take steps"):
-        AttackSetting("odd", Attack.FGSM, eps_255=8, steps=3)
+    with pytest.raises(UserError, match="steps: unknown field"):
+        AttackSetting.from_params("odd", {"method": "fgsm", "eps_255": 8, "steps": 3})
 
 
 @pytest.mark.parametrize("attack", list(ATTACKS))
 @pytest.mark.parametrize("bad", [-0.1, 1.5, math.nan])
 def test_images_outside_unit_range_are_a_user_error(attack: str, bad: float) -> None:
-    images, labels = _batch(4)
+    images, labels = random_batch(4)
     images[0, 0, 0, 0] = bad
     with pytest.raises(UserError, match=r"images must lie in \[0, 1\]"):
-        ATTACKS[attack](_model(), images, labels)
+        ATTACKS[attack](untrained_cnn(), images, labels)
 
 
 @pytest.mark.parametrize("attack", list(ATTACKS))
 def test_mismatched_batch_sizes_are_a_user_error(attack: str) -> None:
-    images, labels = _batch(4)
+    images, labels = random_batch(4)
     with pytest.raises(UserError, match="batch sizes differ: 4 images but 3 labels"):
-        ATTACKS[attack](_model(), images, labels[:3])
+        ATTACKS[attack](untrained_cnn(), images, labels[:3])
 
 
 @pytest.mark.parametrize(
@@ -382,10 +305,10 @@ def test_mismatched_batch_sizes_are_a_user_error(attack: str) -> None:
     [({"eps": -1 / 255}, "eps must be"), ({"step": 0.0}, "step must be"), ({"steps": 0}, "steps must be")],
 )
 def test_bad_budgets_are_user_errors(kwargs: dict, message: str) -> None:
-    images, labels = _batch(2)
+    images, labels = random_batch(2)
     args = {"eps": 8 / 255, "step": 2 / 255, "steps": 7} | kwargs
     with pytest.raises(UserError, match=message):
-        pgd(_model(), images, labels, **args)
+        pgd(untrained_cnn(), images, labels, **args)
 
 
 # --- MI-FGSM (Dong et al. 2018), with the authors' (step, steps, eps) in /255 units ------------
@@ -416,7 +339,7 @@ def reference_mifgsm(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
 
 @pytest.mark.parametrize(("step_255", "steps", "eps_255"), AUTHORS_MIFGSM[:3])
 def test_mifgsm_equals_a_per_image_torch_func_reference(step_255: int, steps: int, eps_255: int) -> None:
-    model, (images, labels) = _model(torch.float64), _batch(dtype=torch.float64)
+    model, (images, labels) = untrained_cnn(torch.float64), random_batch(dtype=torch.float64)
     expected = reference_mifgsm(model, images, labels, eps_255 / 255, step_255 / 255, steps, decay=1.0)
     got = mifgsm(model, images, labels, eps_255 / 255, step_255 / 255, steps)
     assert (got - expected).abs().max().item() <= 1e-9
@@ -427,7 +350,7 @@ def test_mifgsm_equals_adversarial_robustness_toolbox(step_255: int, steps: int,
     """ART's MomentumIterativeMethod normalises by the per-image L1 norm too (Dong et al.'s choice)."""
     art_classifiers = pytest.importorskip("art.estimators.classification")
     art_evasion = pytest.importorskip("art.attacks.evasion")
-    model, (images, labels) = _model(), _batch()
+    model, (images, labels) = untrained_cnn(), random_batch()
     classifier = art_classifiers.PyTorchClassifier(
         model, loss=nn.CrossEntropyLoss(), input_shape=tuple(images.shape[1:]), nb_classes=10, clip_values=(0.0, 1.0),
         device_type="cpu",
@@ -442,7 +365,7 @@ def test_mifgsm_equals_adversarial_robustness_toolbox(step_255: int, steps: int,
 
 
 def test_mifgsm_without_momentum_is_pgd() -> None:
-    model, (images, labels) = _model(torch.float64), _batch(dtype=torch.float64)
+    model, (images, labels) = untrained_cnn(torch.float64), random_batch(dtype=torch.float64)
     assert torch.equal(mifgsm(model, images, labels, 8 / 255, 2 / 255, 7, decay=0.0),
                        pgd(model, images, labels, 8 / 255, 2 / 255, 7))
 
@@ -451,8 +374,8 @@ def test_mifgsm_without_momentum_is_pgd() -> None:
 @pytest.mark.parametrize(("step_255", "steps", "eps_255"), AUTHORS_MIFGSM)
 def test_mifgsm_stays_within_eps_and_quantises_to_8bit_levels(step_255: int, steps: int, eps_255: int,
                                                              quantise: bool) -> None:
-    images, labels = _batch(16, seed=2)
-    adversarial = mifgsm(_model(), images, labels, eps_255 / 255, step_255 / 255, steps, quantise=quantise)
+    images, labels = random_batch(16, seed=2)
+    adversarial = mifgsm(untrained_cnn(), images, labels, eps_255 / 255, step_255 / 255, steps, quantise=quantise)
     assert adversarial.shape == images.shape and adversarial.dtype == images.dtype
     assert (adversarial - images).abs().max().item() <= eps_255 / 255 + 1e-6
     assert adversarial.min().item() >= 0.0 and adversarial.max().item() <= 1.0
@@ -478,7 +401,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("name", ["madry_fgsm", "madry_pgd", "pgd16"])
 def test_attacks_on_cuda_equal_the_cpu_result(name: str) -> None:
     setting = get_setting(name, quantise=False)
-    model, (images, labels) = _model(torch.float64), _batch(dtype=torch.float64)
+    model, (images, labels) = untrained_cnn(torch.float64), random_batch(dtype=torch.float64)
     on_cpu = setting.run(model, images, labels)
     on_gpu = setting.run(model.cuda(), images.cuda(), labels.cuda())
     assert on_gpu.device.type == "cuda"
@@ -487,9 +410,9 @@ def test_attacks_on_cuda_equal_the_cpu_result(name: str) -> None:
 
 @pytest.mark.gpu
 @needs_cuda
-def test_bf16_autocast_on_cuda_keeps_the_contract_on_a_zoo_model() -> None:
+def test_bf16_autocast_on_cuda_keeps_the_contract_on_a_zoountrained_cnn() -> None:
     model = create_model("resnet18", width=0.25, mask=MaskConfig(shallow_ratio=0.5)).cuda()
-    images, labels = (t.cuda() for t in _batch(64, size=32))
+    images, labels = (t.cuda() for t in random_batch(64, size=32))
     for adversarial in (fgsm(model, images, labels, 8 / 255, amp=True),
                         pgd(model, images, labels, 8 / 255, 2 / 255, 7, amp=True, quantise=True)):
         assert (adversarial - images).abs().max().item() <= 8 / 255 + 1e-6

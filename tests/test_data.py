@@ -13,14 +13,13 @@ import rm_sweep.data as data_mod
 from imagefolder import write_image_folder
 from rm_sweep.data import (
     CROP_PADDING,
-    DataSpec,
     DeviceLoader,
     balanced_subset,
     interleave_classes,
     load_dataset,
-    parse_data_spec,
 )
 from rm_sweep.errors import UserError
+from rm_sweep.spec import DataSpec, parse_data_spec
 
 
 @pytest.mark.parametrize("text, spec", [

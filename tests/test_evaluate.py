@@ -17,18 +17,9 @@ from torch import nn
 from rm_sweep.attacks import get_setting
 from rm_sweep.ensemble import Ensemble
 from rm_sweep.errors import UserError
-from rm_sweep.evaluate import (
-    AdversarialSet,
-    DefenseCounts,
-    craft,
-    defense,
-    gaussian_noise,
-    noise,
-    patch_shuffle,
-    predict,
-    shuffle_patches,
-    white_box,
-)
+from rm_sweep.evaluate import AdversarialSet, DefenseCounts, craft, defense, predict, white_box
+from rm_sweep.perturbations import gaussian_noise, shuffle_patches
+from rm_sweep.protocols import noise, patch_shuffle
 
 
 class Brightness(nn.Module):

@@ -8,17 +8,17 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 
 from rm_sweep.errors import UserError
-from rm_sweep.matrix import complete, matrix_images, missing_cells
-from rm_sweep.orchestration.matrix import MatrixOptions, plan, run_matrix, shard_targets
-from rm_sweep.orchestration.session import ray_session
+from rm_sweep.orchestration.attack_matrix import plan, run_matrix, shard_targets
+from rm_sweep.orchestration.values import MatrixOptions
+from rm_sweep.pipeline import complete, matrix_images, missing_cells
 from rm_sweep.spaces import SearchSpace
-from rm_sweep.store import MATRIX_KEY, Store
+from rm_sweep.spec import MATRIX_KEY
+from rm_sweep.store import Store
 from tinystore import build, reference_counts
 
 pytestmark = pytest.mark.ray
@@ -36,12 +36,6 @@ MATRIX = [
     {"targets": ["sources"], "attacks": ["madry_pgd"], "protocols": ["white"]},
     {"targets": ["normal", "ensemble"], "protocols": ["noise", "shuffle"], "sigmas": [16], "patches": [2]},
 ]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    with ray_session(num_cpus=2):
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +85,7 @@ def test_space_has_the_cells_this_file_tests(tiny: tuple[SearchSpace, Store, Pat
 
 
 def test_matrix_equals_in_process_counts_and_crafts_once_per_source_and_setting(
-        ray_cluster: None, tiny: tuple[SearchSpace, Store, Path], reference: dict, tmp_path: Path) -> None:
+        local_ray, tiny: tuple[SearchSpace, Store, Path], reference: dict, tmp_path: Path) -> None:
     space, built, data_dir = tiny
     store = _fresh_store(built, tmp_path / "store")
     done = complete(space, store, data_dir=data_dir, progress=False)
@@ -109,7 +103,7 @@ def test_matrix_equals_in_process_counts_and_crafts_once_per_source_and_setting(
 
 
 def test_rerun_adds_no_rows_and_starts_nothing(
-        ray_cluster: None, tiny: tuple[SearchSpace, Store, Path], tmp_path: Path) -> None:
+        local_ray, tiny: tuple[SearchSpace, Store, Path], tmp_path: Path) -> None:
     space, built, data_dir = tiny
     store = _fresh_store(built, tmp_path / "store")
     first = complete(space, store, data_dir=data_dir, progress=False)
@@ -121,24 +115,8 @@ def test_rerun_adds_no_rows_and_starts_nothing(
     assert missing_cells(space, store) == []
 
 
-@pytest.mark.parametrize("actors", [1, 2])
-def test_a_killed_actor_is_replaced_and_every_cell_lands_once(
-        ray_cluster: None, tiny: tuple[SearchSpace, Store, Path], reference: dict, tmp_path: Path, actors: int) -> None:
-    space, built, data_dir = tiny
-    store = _fresh_store(built, tmp_path / "store")
-    fault = tmp_path / "crash-once"
-    fault.touch()  # the first shard actor to receive work exits its process (os._exit) mid-run
-    images, labels = matrix_images(space, data_dir)
-    ensembles = {e.ensemble_id: e.member_ids for e in space.ensembles()}
-    options = MatrixOptions(actors=actors, cpus_per_actor=0.5, fault_file=str(fault))
-    report = run_matrix(list(space.cells), store, images, labels, ensembles, options, progress=False)
-    assert not fault.exists()  # the crash happened
-    assert report.actors == actors and report.cells == len(space.cells)
-    _assert_matches(store, space, reference)
-
-
 def test_missing_models_are_named_before_anything_runs(
-        ray_cluster: None, tiny: tuple[SearchSpace, Store, Path], tmp_path: Path) -> None:
+        local_ray, tiny: tuple[SearchSpace, Store, Path], tmp_path: Path) -> None:
     space, built, data_dir = tiny
     store = _fresh_store(built, tmp_path / "store")
     (victim,) = [m for m in space.models() if m.seed == 1 and m.mask.shallow_ratio == 0]
@@ -151,7 +129,7 @@ def test_missing_models_are_named_before_anything_runs(
 
 
 def test_too_many_actors_for_the_cluster_is_a_user_error(
-        ray_cluster: None, tiny: tuple[SearchSpace, Store, Path], tmp_path: Path) -> None:
+        local_ray, tiny: tuple[SearchSpace, Store, Path], tmp_path: Path) -> None:
     space, built, data_dir = tiny
     store = _fresh_store(built, tmp_path / "store")
     images, labels = matrix_images(space, data_dir)
@@ -163,14 +141,16 @@ def test_too_many_actors_for_the_cluster_is_a_user_error(
 # -- planning, without Ray ---------------------------------------------------------------------
 def test_plan_crafts_once_per_source_setting_and_limit(tiny: tuple[SearchSpace, Store, Path]) -> None:
     space, _, _ = tiny
-    crafts, perturbs = plan(space.cells)
-    assert sorted((j.source_id, j.setting.name) for j in crafts) == sorted(
+    plans = plan(space.cells)
+    crafts = [p for p in plans if p.source_id is not None]
+    perturbs = [p for p in plans if p.source_id is None]
+    assert sorted((p.source_id, p.job.attack) for p in crafts) == sorted(
         {(c.source_id, c.attack) for c in space.cells if c.source_id is not None})
-    assert sum(len(j.cells) for j in crafts) + sum(len(j.cells) for j in perturbs) == len(space.cells)
-    assert sorted((j.protocol, j.value) for j in perturbs) == [("noise", 16), ("shuffle", 2)]
+    assert sum(len(p.cells) for p in crafts) + sum(len(p.cells) for p in perturbs) == len(space.cells)
+    assert sorted((p.cells[0].protocol, *p.job.params.values()) for p in perturbs) == [("noise", 16), ("shuffle", 2)]
     # A changed limit is another crafting run: sets of different limits are different facts.
     more = [dataclasses.replace(c, limit=c.limit + 1) for c in space.cells if c.protocol == "black"]
-    assert len(plan([*space.cells, *more])[0]) == 2 * len(crafts)
+    assert len([p for p in plan([*space.cells, *more]) if p.source_id is not None]) == 2 * len(crafts)
 
 
 @pytest.mark.parametrize("shards", [1, 2, 3, 5])
@@ -189,3 +169,18 @@ def test_images_are_the_models_test_split(tiny: tuple[SearchSpace, Store, Path])
     images, labels = matrix_images(space, data_dir)
     assert images.dtype == torch.uint8 and images.shape == (100, 3, 16, 16)
     assert torch.bincount(labels).tolist() == [25] * 4
+
+
+@pytest.mark.parametrize("actors", [1, 2])
+def test_a_killed_actor_is_replaced_and_every_cell_lands_once(
+        local_ray, tiny: tuple[SearchSpace, Store, Path], reference: dict, tmp_path: Path, actors: int) -> None:
+    space, built, data_dir = tiny
+    store = _fresh_store(built, tmp_path / "store")
+    struck = local_ray.arm("call")  # the first shard actor to receive work exits its process (os._exit)
+    images, labels = matrix_images(space, data_dir)
+    ensembles = {e.ensemble_id: e.member_ids for e in space.ensembles()}
+    options = MatrixOptions(actors=actors, cpus_per_actor=0.5)
+    report = run_matrix(list(space.cells), store, images, labels, ensembles, options, progress=False)
+    assert struck.exists()  # the crash happened
+    assert report.actors == actors and report.cells == len(space.cells)
+    _assert_matches(store, space, reference)

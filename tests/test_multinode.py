@@ -14,57 +14,20 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 import ray
 from ray import tune
 from ray.cluster_utils import Cluster
 
-from s3server import S3Server
+from multinode import MultiNodeCluster
 
 # A lost GCS connection makes Ray retry for minutes: fail fast instead (pytest-timeout, in the test extra).
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(240)]
 
 # Ray workers cannot import test modules (tests/ is not on their path): ship this module's functions by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-WORKERS = 2
-
-
-@dataclass
-class MultiNodeCluster:
-    """A running local cluster (head with no CPUs, so every trial runs on a worker) and its S3 storage."""
-
-    cluster: Cluster
-    s3: S3Server
-
-    def storage_uri(self, prefix: str) -> str:
-        return self.s3.uri(prefix)
-
-    def worker_ids(self) -> set[str]:
-        return {node.node_id for node in self.cluster.worker_nodes}
-
-
-@pytest.fixture(scope="module")
-def multinode(s3_server: S3Server) -> Iterator[MultiNodeCluster]:
-    """Head (0 CPUs) + two 1-CPU worker raylets on this machine; they inherit the S3 credentials from the environment."""
-    # A driver still connected to another test's local instance could not join this cluster.
-    ray.shutdown()
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 0, "include_dashboard": False},
-    )
-    try:
-        for _ in range(WORKERS):
-            cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address)
-        yield MultiNodeCluster(cluster=cluster, s3=s3_server)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
 
 def _read_step(checkpoint: tune.Checkpoint) -> int:
     with checkpoint.as_directory() as directory:

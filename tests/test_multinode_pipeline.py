@@ -1,7 +1,6 @@
 """The project's own sweep and matrix on a multi-node cluster, store and Ray storage on S3.
 
-A head and two 1-CPU worker raylets on this machine (the `multinode` fixture of
-test_multinode.py) and a moto S3 server: real tiny ResNet-18s on 200 CIFAR-10 images train as
+A head and two 1-CPU worker raylets on this machine (the `multinode` fixture) and a moto S3 server: real tiny ResNet-18s on 200 CIFAR-10 images train as
 Tune trials spread over both workers, the matrix runs on the same cluster, and every checkpoint
 and Parquet file lands in the bucket. A worker node removed mid-trial (a reclaimed spot
 instance) costs the trial only the epoch in progress: it resumes on another node from its last
@@ -14,18 +13,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import yaml
 
 ray = pytest.importorskip("ray")
 import ray._private.state  # noqa: E402
 
-from rm_sweep.matrix import complete  # noqa: E402
-from rm_sweep.orchestration.matrix import MatrixOptions  # noqa: E402
-from rm_sweep.orchestration.sweep import RUN_DIR, run_sweep  # noqa: E402
+from multinode import MultiNodeCluster  # noqa: E402
+from rm_sweep.orchestration.values import MatrixOptions  # noqa: E402
+from rm_sweep.pipeline import complete, train  # noqa: E402
 from rm_sweep.spaces import SearchSpace, load_space  # noqa: E402
-from rm_sweep.store import MATRIX_KEY, Store  # noqa: E402
+from rm_sweep.spec import MATRIX_KEY  # noqa: E402
+from rm_sweep.store import RUN_DIR, Store  # noqa: E402
 from s3server import S3Server  # noqa: E402
-from test_multinode import MultiNodeCluster, multinode  # noqa: E402,F401  (the cluster fixture)
+from scaffold import tiny_space as space_of, write_space  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -36,13 +35,8 @@ POLL_S = 0.2
 def tiny_space(tmp_path: Path, cifar_folder: Path, name: str, models: list[dict], matrix: list[dict],
                epochs: int) -> SearchSpace:
     """Width-0.125 ResNet-18s on 200 training / 100 test CIFAR-10 images, one CPU per trial."""
-    space = {"name": name, "data": f"folder:{cifar_folder}", "train_subset": 200, "test_subset": 100,
-             "recipe": {"name": "quick", "epochs": epochs, "batch_size": 32},
-             "resources": {"cpus_per_trial": 1, "max_failures": 2},
-             "models": [{"arch": "resnet18", "width": 0.125, **m} for m in models], "matrix": matrix}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(space, sort_keys=False))
-    return load_space(path)
+    space = space_of(name, cifar_folder, models, matrix, epochs=epochs, train_subset=200, test_subset=100)
+    return load_space(write_space(tmp_path / f"{name}.yaml", space))
 
 
 def store_keys(s3: S3Server, store: Store) -> list[str]:
@@ -70,7 +64,7 @@ def test_sweep_and_matrix_spread_over_nodes_and_land_in_the_bucket(
     store = Store(s3_uri)
     ids = sorted(s.model_id for s in space.models())
 
-    swept = run_sweep(space, store, address=multinode.cluster.address, data_dir=data_dir, verbose=0)
+    swept = train(space, store, address=multinode.cluster.address, data_dir=data_dir, verbose=0)
     done = complete(space, store, address=multinode.cluster.address, data_dir=data_dir,
                     options=MatrixOptions(batch_size=100), progress=False)
 
@@ -88,7 +82,8 @@ def test_sweep_and_matrix_spread_over_nodes_and_land_in_the_bucket(
     assert sorted(k for k in in_bucket if k.startswith("checkpoints/")) == [f"checkpoints/{i}.pt" for i in ids]
     assert [k for k in in_bucket if k.startswith("models/") and k.endswith(".parquet")]
     assert [k for k in in_bucket if k.startswith("matrix/") and k.endswith(".parquet")]
-    assert any(k.startswith(f"{RUN_DIR}/sweep-spread/") for k in in_bucket)  # Tune's experiment state
+    # Tune's own state (pickles) stays with the driver; finished Train runs leave nothing behind.
+    assert not [k for k in in_bucket if k.startswith(f"{RUN_DIR}/")]
 
 
 class NodeReclaimer:
@@ -126,7 +121,7 @@ def test_a_trial_whose_node_is_removed_resumes_elsewhere_from_its_checkpoint(
     earlier = set(train_workers())
     reclaimer = NodeReclaimer(multinode, store, spec.model_id)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        sweep = pool.submit(run_sweep, space, store, address=multinode.cluster.address, data_dir=data_dir, verbose=0)
+        sweep = pool.submit(train, space, store, address=multinode.cluster.address, data_dir=data_dir, verbose=0)
         reclaimer.watch(sweep)
         result = sweep.result()
 

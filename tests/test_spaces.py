@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,18 +9,13 @@ import torch
 
 from rm_sweep.attacks import SETTINGS
 from rm_sweep.errors import UserError
-from rm_sweep.spaces import PAPER_SIGMAS_255, load_space, parse_space
+from rm_sweep.protocols import PROTOCOLS
+from rm_sweep.spaces import load_space, parse_space
 from rm_sweep.store import Store
+from scaffold import ROOT, probe_command, write_space
 
-ROOT = Path(__file__).resolve().parent.parent
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
 PAPER_FIG14_RATIOS = [0.3, 0.5, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
-
-
-def write(tmp_path: Path, text: str, name: str = "space.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 def space(**top) -> dict:
@@ -145,7 +136,7 @@ def test_gray_box_other_mask_targets_are_separately_trained():
 
 def test_white_box_settings_are_table_6s_small_budgets():
     s = load_space(ROOT / "search_spaces/graybox.yaml")
-    white = {(json.loads(c.attack_params)["attack"], json.loads(c.attack_params)["eps_255"])
+    white = {(json.loads(c.attack_params)["method"], json.loads(c.attack_params)["eps_255"])
              for c in s.cells if c.protocol == "white"}
     assert white == {(a, e) for a in ("fgsm", "pgd") for e in (1, 2, 4)}
 
@@ -172,7 +163,8 @@ def test_noise_and_shuffle_cells_have_no_source_and_paper_defaults():
     s = parse_space(space(matrix=[{"targets": ["masked"], "protocols": ["noise", "shuffle"]}]))
     noise = [json.loads(c.attack_params)["sigma_255"] for c in s.cells if c.protocol == "noise"]
     patches = {json.loads(c.attack_params)["patches"] for c in s.cells if c.protocol == "shuffle"}
-    assert sorted(set(noise)) == list(PAPER_SIGMAS_255) and len(noise) == 2 * len(PAPER_SIGMAS_255)
+    paper_sigmas = PROTOCOLS["noise"].defaults
+    assert sorted(set(noise)) == list(paper_sigmas) and len(noise) == 2 * len(paper_sigmas)
     assert patches == {2, 4, 8} and all(c.source_id is None for c in s.cells)
 
 
@@ -213,10 +205,10 @@ BAD = [
     ("data: cifar10\nrecipe: {name: quick, lr: 5e-4}\nmodels: [{name: a, arch: resnet18}]\n", "recipe.lr: '5e-4' is text"),
     ("data: cifar10\nrecipe: {name: quick, epochs: 0}\nmodels: [{name: a, arch: resnet18}]\n", "recipe: epochs must be a positive"),
     ("data: cifar10\nrecipe: fastest\nmodels: [{name: a, arch: resnet18}]\n", "recipe: unknown recipe"),
-    ("data: cifar10\ntrain_subset: -5\nmodels: [{name: a, arch: resnet18}]\n", "train_subset: -5 must be > 0"),
+    ("data: cifar10\ntrain_subset: -5\nmodels: [{name: a, arch: resnet18}]\n", "train_subset must be a positive integer, got -5"),
     ("data: cifar10\nresources: {gpus_per_trial: -1}\nmodels: [{name: a, arch: resnet18}]\n", "resources.gpus_per_trial"),
     ("data: cifar10\nmodels: [{name: a, arch: resnet18, shallow_ratio: 0.5, ensemble: 1}]\n",
-     "models[0].ensemble.size: 1 must be >= 2"),
+     "models[0].ensemble.size must be an integer >= 2, got 1"),
     ("data: cifar10\nmodels: [{name: a, arch: resnet18, shallow_ratio: 0.5, ensemble: {size: 5, seeds: same}}]\n",
      "models[0].ensemble.seeds: unknown way of choosing member seeds 'same'"),
     ("data: cifar10\nmodels: [{name: a, arch: resnet18, ensemble: {size: 5, seeds: shared}}]\n",
@@ -236,8 +228,9 @@ BAD = [
      "matrix[0].patches: only used by protocol shuffle"),
     ("data: cifar10\nmodels: [{name: a, arch: resnet18}, {name: b, arch: vgg19}]\n"
      "matrix: [{sources: [a], targets: [b], attacks: [madry_pgd], protocols: [gray]}]\n", "gray-box pairs need one architecture"),
-    ("data: cifar10\nmodels: [{name: a, arch: resnet18, shallow_ratio: 0.5, ensemble: 2}, {name: b, arch: vgg19}]\n"
-     "matrix: [{sources: [a], targets: [b], attacks: [madry_pgd], protocols: [black]}]\n", "group 'a' is a group of ensembles"),
+    ("data: cifar10\nmodels: [{name: a, arch: resnet18}, {name: b, arch: vgg19}]\n"
+     "matrix: [{sources: [a], targets: [b], attacks: [madry_pgd], protocols: [noise]}]\n",
+     "matrix[0].sources: only used by protocol black or gray"),
     ("data: cifar10\nmodels: [{name: a, arch: resnet18}]\nmatrix: [{sources: [a], targets: [a], attacks: [madry_pgd], protocols: [black]}]\n",
      "matrix[0]: gives no matrix cell"),
 ]
@@ -245,7 +238,7 @@ BAD = [
 
 @pytest.mark.parametrize("text, message", BAD, ids=[m.split(":")[0] for _, m in BAD])
 def test_bad_spaces_name_the_file_and_field(tmp_path, text, message):
-    path = write(tmp_path, text, "bad.yaml")
+    path = write_space(tmp_path / "bad.yaml", text)
     with pytest.raises(UserError) as info:
         load_space(path)
     assert str(info.value).startswith(f"{path}: ") and message in str(info.value)
@@ -260,18 +253,11 @@ CLI_BAD = {
     "ratio": ("data: cifar10\nmodels: [{name: a, arch: resnet18, shallow_ratio: 1.2}]\n", "1.2 is outside [0, 1)"),
     "empty_grid": ("data: cifar10\nmodels: [{name: a, arch: resnet18, width: []}]\n", "models[0].width: empty list"),
 }
-_PROBE = ("import atexit, runpy, sys; "
-          "atexit.register(lambda: print('ray imported' if 'ray' in sys.modules else 'ray not imported')); "
-          "sys.argv = ['rm_sweep.sweep', *sys.argv[1:]]; runpy.run_module('rm_sweep.sweep', run_name='__main__')")
-
-
 def test_malformed_spaces_exit_2_with_one_line_before_ray_starts(tmp_path):
     procs = {}
     for name, (text, _) in CLI_BAD.items():  # in parallel: each run is mostly Python start-up
-        path = write(tmp_path, text, f"{name}.yaml")
-        procs[name] = (path, subprocess.Popen(
-            [sys.executable, "-c", _PROBE, str(path), "--store", str(tmp_path / "store")],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT))
+        path = write_space(tmp_path / f"{name}.yaml", text)
+        procs[name] = (path, probe_command("rm_sweep.sweep", str(path), "--store", str(tmp_path / "store")))
     for name, (path, proc) in procs.items():
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 2, (name, stderr)

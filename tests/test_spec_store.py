@@ -14,7 +14,8 @@ from rm_sweep.data import Dataset
 from rm_sweep.errors import UserError
 from rm_sweep.masks import MaskConfig
 from rm_sweep.spec import EnsembleSpec, ModelSpec
-from rm_sweep.store import MATRIX_SCHEMA, MODELS_SCHEMA, ENSEMBLES_SCHEMA, Store
+from rm_sweep.store import Store
+from rm_sweep.tables import ENSEMBLES_SCHEMA, MATRIX_SCHEMA, MODELS_SCHEMA
 
 DATA = "folder:/somewhere/cifar10-jpeg"
 
@@ -133,10 +134,10 @@ def test_spec_round_trips_through_dict_and_json():
 
 @pytest.mark.parametrize("bad, message", [
     (dict(arch="resnet19"), "unknown architecture"),
-    (dict(width=0), "width must be positive"),
+    (dict(width=0), "width must be a positive number"),
     (dict(train_subset=0), "train_subset must be a positive integer"),
     (dict(recipe="fast"), "unknown recipe"),
-    (dict(recipe_overrides={"epoch": 3}), "unknown recipe field"),
+    (dict(recipe_overrides={"epoch": 3}), "recipe.epoch: unknown field"),
     (dict(data="imagenet"), "unknown data set"),
 ])
 def test_invalid_specs_are_user_errors(bad, message):

@@ -17,7 +17,7 @@ import pytest
 
 from rm_sweep import tradeoff
 from rm_sweep.figures import draw_fig14, fig14_rows, fig14_summary, is_paper_setting
-from rm_sweep.matrix import matrix_images
+from rm_sweep.pipeline import matrix_images
 from rm_sweep.paper_results import fig14_points, read_table, tables8_12
 from rm_sweep.spaces import SearchSpace
 from rm_sweep.store import Store

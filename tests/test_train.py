@@ -17,7 +17,8 @@ from rm_sweep.data import Dataset, DeviceLoader, load_dataset
 from rm_sweep.errors import UserError, cli_main
 from rm_sweep.masks import MaskConfig
 from rm_sweep.models import create_model, list_models, load_checkpoint
-from rm_sweep.train import STATE_FILE, evaluate_accuracy, fit, get_recipe, main
+from rm_sweep.recipes import get_recipe
+from rm_sweep.train import STATE_FILE, evaluate_accuracy, fit, main
 
 
 def test_paper_recipes_are_the_papers() -> None:
@@ -45,7 +46,7 @@ def test_recipe_overrides(overrides: dict, expected: dict) -> None:
     ("paper", {"lr": -1.0}, "lr"),
     ("paper", {"milestones": [250, 150]}, "milestones"),
     ("paper", {"augment": "cutout"}, "augmentation"),
-    ("paper", {"nesterov": True}, "unknown recipe field"),
+    ("paper", {"nesterov": True}, "recipe.nesterov: unknown field"),
 ])
 def test_bad_recipe_is_a_user_error(name: str, overrides: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):

@@ -12,16 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from PIL import Image
 
 from rm_sweep.attacks import AttackSetting
 from rm_sweep.data import load_dataset
 from rm_sweep.ensemble import Ensemble
-from rm_sweep.evaluate import DefenseCounts, craft, defense, noise, patch_shuffle, white_box
-from rm_sweep.spaces import MatrixCell, SearchSpace, load_space
+from rm_sweep.evaluate import DefenseCounts, craft, defense, white_box
+from rm_sweep.protocols import noise, patch_shuffle
+from rm_sweep.spaces import SearchSpace, load_space
+from rm_sweep.spec import MatrixCell
 from rm_sweep.store import Store
 from rm_sweep.train import fit
+from scaffold import tiny_space, write_space
 
 CLASSES, SIZE = 4, 16
 
@@ -47,12 +49,7 @@ def write_tinted_folder(root: Path, *, train: int = 40, test: int = 25, seed: in
 def space_file(root: Path, data: Path, models: list[dict], matrix: list[dict], *, name: str = "tiny",
                epochs: int = 6) -> Path:
     """A search-space YAML of tiny ResNet-18s (width 0.125) on ``data``."""
-    space = {"name": name, "data": f"folder:{data}", "recipe": {"name": "quick", "epochs": epochs, "batch_size": 32},
-             "resources": {"cpus_per_trial": 1}, "models": [{"arch": "resnet18", "width": 0.125, **m} for m in models],
-             "matrix": matrix}
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(space, sort_keys=False))
-    return path
+    return write_space(root / f"{name}.yaml", tiny_space(name, data, models, matrix, epochs=epochs))
 
 
 def train_models(space: SearchSpace, store: Store, data_dir: Path) -> None:
@@ -108,7 +105,7 @@ def _reference(space: SearchSpace, store: Store, cell: MatrixCell, images: torch
         return patch_shuffle(target, images, labels, params["patches"], limit=cell.limit)
     key = (cell.source_id, cell.attack, cell.attack_params, cell.limit)
     if key not in crafted:
-        setting = AttackSetting(name=cell.attack, **params)
+        setting = AttackSetting.from_params(cell.attack, params)
         crafted[key] = craft(store.load_model(cell.source_id), images, labels, setting, cell.limit,
                              source_id=cell.source_id)
     adversarial = crafted[key]

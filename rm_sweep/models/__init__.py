@@ -10,12 +10,21 @@ from rm_sweep.models.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from rm_sweep.models.registry import Classifier, ModelConfig, build, create_model, list_models, model_revision
+from rm_sweep.models.registry import (
+    Classifier,
+    ModelConfig,
+    build,
+    check_arch,
+    create_model,
+    list_models,
+    model_revision,
+)
 
 __all__ = [
     "Classifier",
     "ModelConfig",
     "build",
+    "check_arch",
     "checkpoint_bytes",
     "count_parameters",
     "create_model",

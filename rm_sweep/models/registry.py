@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from rm_sweep import checks
 from rm_sweep.errors import UserError
 from rm_sweep.masks import PARTS, MaskConfig, RandomMask, install_masks
 
@@ -37,10 +38,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        d = dict(d)
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise UserError(f"unknown model config field(s): {', '.join(sorted(unknown))}")
+        d = dict(checks.known_fields(d, cls.__dataclass_fields__, "model config"))
         mask = d.pop("mask", None)
         d["mean"], d["std"] = tuple(d.get("mean", ())), tuple(d.get("std", ()))
         return cls(**d, mask=None if mask is None else MaskConfig.from_dict(mask))
@@ -116,15 +114,14 @@ def register_model(name: str, *, revision: int) -> Callable[[Builder], Builder]:
     return deco
 
 
-def _check_known(name: str) -> None:
-    if name not in _REGISTRY:
-        raise UserError(f"unknown architecture {name!r}; choose one of {', '.join(list_models())}")
+def check_arch(name: str) -> str:
+    """``name`` if it is a registered architecture; otherwise a ``UserError`` suggesting one."""
+    return checks.choice(name, list_models(), "architecture")
 
 
 def model_revision(name: str) -> int:
     """The revision of architecture ``name``'s definition (see ``register_model``)."""
-    _check_known(name)
-    return _REVISIONS[name]
+    return _REVISIONS[check_arch(name)]
 
 
 def list_models() -> list[str]:
@@ -146,11 +143,10 @@ class Classifier(nn.Sequential):
 
 def build(config: ModelConfig) -> Classifier:
     """Build (and mask) the network a ``ModelConfig`` describes."""
-    _check_known(config.arch)
+    check_arch(config.arch)
     if len(config.mean) != config.in_channels or len(config.std) != config.in_channels:
         raise UserError(f"mean/std need {config.in_channels} values, one per input channel")
-    if not config.width > 0:
-        raise UserError(f"width must be positive, got {config.width!r}")
+    checks.positive(config.width, "width")
     body = _REGISTRY[config.arch](LayerPlan(config.width, config.mask), config.in_channels, config.num_classes)
     model = Classifier(config, body)
     if config.mask is not None:
@@ -183,6 +179,6 @@ def create_model(
 
 
 __all__ = [
-    "PARTS", "ModelConfig", "LayerPlan", "Classifier", "register_model", "model_revision", "list_models",
+    "PARTS", "ModelConfig", "LayerPlan", "Classifier", "check_arch", "register_model", "model_revision", "list_models",
     "create_model", "build",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Iterator
+from collections.abc import Iterator, Mapping
 
 import ray
 
@@ -17,6 +17,11 @@ JOB_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 # A local instance has no node that can be preempted: Train's preemption watcher would be one
 # more process started per trial (about a second of CPU on a 2-core machine) watching nothing.
 LOCAL_JOB_ENV = {**JOB_ENV, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Ray 2.60 replaces a loopback node address by the machine's own (services.resolve_ip_for_localhost),
+# so its GCS, raylets and workers listen on every interface, whatever --node-ip-address says.
+# With "clusters" off (Ray's switch for laptops) the node address stays 127.0.0.1 and every
+# server binds to loopback only. Read by the driver at call time and by every process it starts.
+_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def cpu_count() -> int:
@@ -25,16 +30,18 @@ def cpu_count() -> int:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, *, num_cpus: int | None = None,
-                log_to_driver: bool = True) -> Iterator[bool]:
-    """Connect to the cluster at ``address`` (e.g. ``auto``), or start a local Ray instance with
-    ``num_cpus`` (default: this machine's) on the loopback interface; shut down on exit what this
-    call started. An already connected session is used as it is. Yields whether it started Ray.
+def ray_session(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = True,
+                env: Mapping[str, str] | None = None) -> Iterator[bool]:
+    """Connect to the cluster at ``address`` (e.g. ``auto``), or start a private local Ray instance
+    with ``num_cpus`` (default: this machine's) that listens on the loopback interface only; shut
+    down on exit what this call started. An already connected session is used as it is. Yields
+    whether it started Ray.
 
     ``address="local"`` is passed explicitly for the local case: a bare ``ray.init()`` would join
-    any cluster another process started on this machine. The dashboard stays on: without it Ray
-    Train V2 cannot query its controller and each trial's shutdown stalls. Worker output stays
-    in Ray's log files unless ``log_to_driver``.
+    any cluster another process started on this machine. The dashboard stays on (on 127.0.0.1):
+    without it Ray Train V2 cannot query its controller and each trial's shutdown stalls. Worker
+    output stays in Ray's log files unless ``log_to_driver``. ``env`` adds environment variables
+    to every process of the job.
     """
     if ray.is_initialized():
         yield False
@@ -42,13 +49,33 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
     settings = dict(logging_level=logging.WARNING, log_to_driver=log_to_driver)
     if address:
         try:
-            ray.init(address=address, runtime_env={"env_vars": JOB_ENV}, **settings)
+            ray.init(address=address, runtime_env={"env_vars": {**JOB_ENV, **(env or {})}}, **settings)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise UserError(f"cannot connect to the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
     else:
-        ray.init(address="local", num_cpus=num_cpus or cpu_count(), _node_ip_address="127.0.0.1",
-                 runtime_env={"env_vars": LOCAL_JOB_ENV}, **settings)
+        with _loopback_only():
+            ray.init(address="local", num_cpus=num_cpus or cpu_count(), include_dashboard=True,
+                     dashboard_host="127.0.0.1", runtime_env={"env_vars": {**LOCAL_JOB_ENV, **(env or {})}},
+                     **settings)
     try:
         yield True
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Start Ray's processes with a loopback node address (see ``_LOOPBACK_ENV``)."""
+    from ray._private import ray_constants
+
+    saved_env, saved_constant = os.environ.get(_LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_constant
+        if saved_env is None:
+            os.environ.pop(_LOOPBACK_ENV, None)
+        else:
+            os.environ[_LOOPBACK_ENV] = saved_env
