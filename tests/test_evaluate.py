@@ -282,3 +282,21 @@ def test_craft_and_defense_on_cuda_count_as_on_the_cpu() -> None:
     assert torch.equal(adversarial_set.adversarial, constant_images([82, 108, 208]))
     assert defense(Brightness(shift=-0.03).cuda(), adversarial_set) == DefenseCounts(5, 3, 3, 3)
     assert noise(source, constant_images(LEVELS).cuda(), LABELS.cuda(), 0) == DefenseCounts(6, None, 5, 5)
+
+
+def test_the_query_protocol_spends_exactly_the_forward_passes_it_counts() -> None:
+    from rm_sweep.attacks import CountingModel, get_setting, square_linf
+    from rm_sweep.evaluate import Target
+    from rm_sweep.protocols import PROTOCOLS, Job
+
+    setting = get_setting("square8_quick", max_queries=7)
+    counting = CountingModel(Brightness())
+    target = Target(counting, batch_size=4)
+    images = constant_images(LEVELS)
+    counts = PROTOCOLS["query"].count(target, Job(setting.name, setting.params(), 3), images, LABELS)
+    # Brightness gets positions 0, 1, 3, 4, 5 right: the clean scan reads one batch (0-3) and finds
+    # the first three, which are attacked with ids = their test positions, as alone here.
+    alone = square_linf(Brightness(), images[[0, 1, 3]].float() / 255, LABELS[[0, 1, 3]], 8 / 255, 7, seed=0,
+                        ids=torch.tensor([0, 1, 3]), quantise=True)
+    assert counts.n_crafted == counts.n_evaluated == 3 and counts.n_defended == int((~alone.success).sum())
+    assert (alone.queries <= 7).all() and counting.count == 4 + int(alone.queries.sum()) == target.passes

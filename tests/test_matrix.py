@@ -6,6 +6,8 @@ Tiny ResNet-18s on a toy data set (tests/tinystore.py), a local Ray instance wit
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import shutil
 from pathlib import Path
 
@@ -19,7 +21,8 @@ from rm_sweep.pipeline import complete, matrix_images, missing_cells
 from rm_sweep.spaces import SearchSpace
 from rm_sweep.spec import MATRIX_KEY
 from rm_sweep.store import Store
-from tinystore import build, reference_counts
+from rm_sweep.spaces import load_space
+from tinystore import build, reference_counts, space_file
 
 pytestmark = pytest.mark.ray
 
@@ -35,6 +38,13 @@ MATRIX = [
      "protocols": ["black"]},
     {"targets": ["sources"], "attacks": ["madry_pgd"], "protocols": ["white"]},
     {"targets": ["normal", "ensemble"], "protocols": ["noise", "shuffle"], "sigmas": [16], "patches": [2]},
+]
+
+
+# Beyond the paper: the five-mask ensemble as a source, and query attacks on two targets.
+BEYOND = [
+    {"sources": ["ensemble"], "targets": ["normal", "shallow"], "attacks": ["madry_pgd"], "protocols": ["black"]},
+    {"targets": ["normal", "shallow"], "attacks": ["square8_quick"], "protocols": ["query"], "limit": 6},
 ]
 
 
@@ -184,3 +194,53 @@ def test_a_killed_actor_is_replaced_and_every_cell_lands_once(
     assert struck.exists()  # the crash happened
     assert report.actors == actors and report.cells == len(space.cells)
     _assert_matches(store, space, reference)
+
+
+@pytest.fixture(scope="module")
+def beyond(tiny: tuple[SearchSpace, Store, Path]) -> SearchSpace:
+    """The same models (so the same ids and trained checkpoints) with the BEYOND matrix."""
+    space, store, _ = tiny
+    beyond = load_space(space_file(Path(store.path()).parent, Path(space.data.partition(":")[2]), MODELS, BEYOND,
+                                   name="beyond"))
+    assert {m.model_id for m in beyond.models()} == {m.model_id for m in space.models()}
+    return beyond
+
+
+def test_an_ensemble_source_is_crafted_once_and_scored_on_every_target(
+        local_ray, tiny: tuple[SearchSpace, Store, Path], beyond: SearchSpace, tmp_path: Path) -> None:
+    _, built, data_dir = tiny
+    store = _fresh_store(built, tmp_path / "store")
+    cells = [c for c in beyond.cells if c.protocol == "black"]
+    (ensemble,) = beyond.ensembles()
+    assert {c.source_id for c in cells} == {ensemble.ensemble_id} and len(cells) == 2
+    images, labels = matrix_images(beyond, data_dir)
+    report = run_matrix(cells, store, images, labels, {ensemble.ensemble_id: ensemble.member_ids}, progress=False)
+    assert report.crafts == 1 and report.cells == 2  # one adversarial set, stored once, scored on both targets
+    expected = reference_counts(beyond, store, cells, images, labels)
+    for row in store.matrix().to_dict("records"):
+        counts = expected[_row_key(row)]
+        assert (row["n_crafted"], row["n_fooled_source"], row["n_evaluated"], row["n_defended"]) == (
+            counts.n_crafted, counts.n_fooled_source, counts.n_evaluated, counts.n_defended)
+
+
+def test_query_cells_count_their_budget_and_resume(
+        local_ray, tiny: tuple[SearchSpace, Store, Path], beyond: SearchSpace, tmp_path: Path) -> None:
+    _, built, data_dir = tiny
+    store = _fresh_store(built, tmp_path / "store")
+    cells = [c for c in beyond.cells if c.protocol == "query"]
+    images, labels = matrix_images(beyond, data_dir)
+    first = run_matrix(cells[:1], store, images, labels, {}, progress=False)  # an interrupted run kept one cell
+    stored = store.matrix().to_dict("records")
+    done = complete(beyond, store, data_dir=data_dir, options=MatrixOptions(actors=1), progress=False)
+    assert first.cells == 1 and done.matrix.cells == len(beyond.cells) - 1  # only what was missing
+    rows = {_row_key(r): r for r in store.matrix().to_dict("records")}
+    again = rows[_row_key(stored[0])]  # the stored cell was not computed again:
+    assert again["created_at"] == stored[0]["created_at"] and again["n_defended"] == stored[0]["n_defended"]
+    budget = json.loads(cells[0].attack_params)["max_queries"]
+    expected = reference_counts(beyond, store, cells, images, labels)
+    for cell in cells:
+        row, counts = rows[cell.key()], expected[cell.key()]
+        assert row["max_queries"] == budget and row["n_crafted"] == row["n_evaluated"] == 6
+        assert (row["n_defended"], row["median_queries"]) == pytest.approx((counts.n_defended, counts.median_queries),
+                                                                           nan_ok=True)
+        assert math.isnan(row["median_queries"]) or 1 <= row["median_queries"] <= budget

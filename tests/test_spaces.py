@@ -56,9 +56,9 @@ def test_table2_has_every_placement_variant_multiplier_and_five_mask_ensembles()
     assert any(m.deep_ratio > 0 and m.shallow_ratio == 0 for m in masks)
     assert any(m.deep_ratio > 0 and m.shallow_ratio > 0 for m in masks)
     assert any(m.channel_multiplier == 2 for m in masks)
-    for ens in s.ensembles():
+    for ens in s.group("ensembles").ensembles:  # the paper's EN: five masks, five separate trainings
         assert sorted(m.mask.seed for m in ens.members) == [0, 1, 2, 3, 4]
-        assert sorted(m.seed for m in ens.members) == [1, 2, 3, 4, 5]  # five separate trainings
+        assert sorted(m.seed for m in ens.members) == [1, 2, 3, 4, 5]
     assert {c.target_kind for c in s.cells} == {"model", "ensemble"}
 
 
@@ -139,6 +139,37 @@ def test_white_box_settings_are_table_6s_small_budgets():
     white = {(json.loads(c.attack_params)["method"], json.loads(c.attack_params)["eps_255"])
              for c in s.cells if c.protocol == "white"}
     assert white == {(a, e) for a in ("fgsm", "pgd") for e in (1, 2, 4)}
+
+
+def test_an_ensemble_group_is_a_source_of_its_ensembles_and_never_attacks_its_own_members():
+    s = parse_space(space(models=[{"name": "en", "arch": "resnet18", "seed": 10, "ensemble": 3},
+                                  {"name": "normal", "arch": "resnet18", "seed": [10, 20]}],
+                          matrix=[{"sources": ["en"], "targets": ["normal"], "attacks": ["mifgsm16"],
+                                   "protocols": ["black"]}]))
+    (ens,) = s.ensembles()
+    member = s.group("normal").models[0]  # seed 10: member 0 of the ensemble
+    assert member.model_id in ens.member_ids
+    (cell,) = s.cells  # the seed-20 model only: attacking a member would be white-box
+    assert cell.source_id == ens.ensemble_id and cell.target_id == s.group("normal").models[1].model_id
+
+
+def test_query_cells_have_no_source_and_the_settings_budget():
+    s = parse_space(space(matrix=[{"targets": ["masked"], "attacks": ["square8_quick", "hsj8_quick"],
+                                   "protocols": ["query"], "limit": 20}]))
+    assert len(s.cells) == 2 * 2 and all(c.source_id is None and c.limit == 20 for c in s.cells)
+    assert {json.loads(c.attack_params)["max_queries"] for c in s.cells} == {100, 200}
+
+
+@pytest.mark.parametrize("protocols, attack, message", [
+    (["black"], "square8", "square8 is a query attack: list it in a block of protocol query"),
+    (["query"], "madry_pgd", "madry_pgd is a transfer attack"),
+])
+def test_query_and_transfer_attacks_stay_in_their_own_blocks(protocols, attack, message):
+    block = {"targets": ["masked"], "attacks": [attack], "protocols": protocols}
+    if protocols == ["black"]:
+        block["sources"] = ["source"]
+    with pytest.raises(UserError, match=message):
+        parse_space(space(matrix=[block]))
 
 
 def test_black_box_cells_skip_the_source_and_white_box_cells_are_the_diagonal():

@@ -8,6 +8,7 @@ ground truth the Ray matrix must reproduce.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -91,22 +92,37 @@ def reference_counts(space: SearchSpace, store: Store, cells: list[MatrixCell], 
 
 def _reference(space: SearchSpace, store: Store, cell: MatrixCell, images: torch.Tensor, labels: torch.Tensor,
                crafted: dict[tuple, Any]) -> DefenseCounts:
-    def load(target_id: str, kind: str) -> torch.nn.Module:
-        if kind == "ensemble":
-            (members,) = [e.member_ids for e in space.ensembles() if e.ensemble_id == target_id]
-            return Ensemble([store.load_model(m) for m in members]).eval()
-        return store.load_model(target_id)
+    def load(unit_id: str) -> torch.nn.Module:
+        """A model, or an ensemble of the space, from the store."""
+        members = [e.member_ids for e in space.ensembles() if e.ensemble_id == unit_id]
+        if members:
+            return Ensemble([store.load_model(m) for m in members[0]]).eval()
+        return store.load_model(unit_id)
 
     params = json.loads(cell.attack_params)
-    target = load(cell.target_id, cell.target_kind)
+    target = load(cell.target_id)
     if cell.protocol == "noise":
         return noise(target, images, labels, params["sigma_255"], limit=cell.limit)
     if cell.protocol == "shuffle":
         return patch_shuffle(target, images, labels, params["patches"], limit=cell.limit)
+    if cell.protocol == "query":
+        return query_counts(target, AttackSetting.from_params(cell.attack, params), images, labels, cell.limit)
     key = (cell.source_id, cell.attack, cell.attack_params, cell.limit)
     if key not in crafted:
         setting = AttackSetting.from_params(cell.attack, params)
-        crafted[key] = craft(store.load_model(cell.source_id), images, labels, setting, cell.limit,
-                             source_id=cell.source_id)
+        crafted[key] = craft(load(cell.source_id), images, labels, setting, cell.limit, source_id=cell.source_id)
     adversarial = crafted[key]
     return white_box(adversarial) if cell.protocol == "white" else defense(target, adversarial)
+
+
+def query_counts(model: torch.nn.Module, setting: AttackSetting, images: torch.Tensor, labels: torch.Tensor,
+                 limit: int) -> DefenseCounts:
+    """The query protocol computed directly: the first ``limit`` test images the model gets
+    right, attacked one by one (ids = test-set positions, seed 0), counted by hand."""
+    with torch.no_grad():
+        right = (model(images.float() / 255).argmax(1) == labels).nonzero().flatten()[:limit]
+    results = [setting.method(model, images[i:i + 1].float() / 255, labels[i:i + 1], seed=0, ids=right[j:j + 1],
+                              quantise=setting.quantise) for j, i in enumerate(right.tolist())]
+    fooled = [int(r.queries) for r in results if bool(r.success)]
+    median = float(torch.tensor(fooled, dtype=torch.float64).median()) if fooled else math.nan
+    return DefenseCounts(len(right), None, len(right), len(results) - len(fooled), median_queries=median)
