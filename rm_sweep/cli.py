@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from typing import Any, Callable
 
 from rm_sweep import checks
@@ -71,10 +72,33 @@ def add_data(p: argparse.ArgumentParser) -> None:
 
 
 def add_pipeline(p: argparse.ArgumentParser) -> None:
-    """The flags of every command that fills a store from a search space."""
+    """The flags of every command that fills a store from a search space: store, cluster, data,
+    console output (``--quiet``/``--verbose``, read with ``verbosity``) and ``--mlflow``."""
     add_store(p)
     add_cluster(p)
     add_data(p)
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--quiet", action="store_true", help="no progress bars")
+    output.add_argument("--verbose", action="store_true",
+                        help="Ray's own output too: Tune's table of trials and every line Ray's processes print "
+                             "(otherwise they stay in Ray's session folder, /tmp/ray/session_latest/logs)")
+    p.add_argument("--mlflow", default=None, metavar="URI", type=mlflow_uri,
+                   help="also log each trial's model spec and per-epoch metrics to this MLflow tracking URI "
+                        "(e.g. file:./mlruns; needs pip install 'rm_sweep[mlflow]'); the store stays the source "
+                        "of truth")
 
 
-__all__ = ["Parser", "add_cluster", "add_data", "add_pipeline", "add_store", "count", "parser", "positive", "seed"]
+def mlflow_uri(text: str) -> str:
+    """An MLflow tracking URI, accepted only where MLflow is installed (checked before Ray starts)."""
+    if importlib.util.find_spec("mlflow") is None:
+        raise argparse.ArgumentTypeError("MLflow is not installed: pip install 'rm_sweep[mlflow]'")
+    return text
+
+
+def verbosity(args: argparse.Namespace) -> int:
+    """0 (``--quiet``), 1 (progress bars, the default) or 2 (``--verbose``: Ray's output too)."""
+    return 0 if args.quiet else 2 if args.verbose else 1
+
+
+__all__ = ["Parser", "add_cluster", "add_data", "add_pipeline", "add_store", "count", "mlflow_uri", "parser", "positive", "seed",
+           "verbosity"]

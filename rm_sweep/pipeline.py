@@ -57,6 +57,7 @@ def train(
     data_dir: str | os.PathLike | None = None,
     compile: bool | None = None,
     verbose: int = 1,
+    mlflow: str | None = None,
 ) -> SweepResult:
     """Train every model of ``space`` that ``store`` lacks and record the space's ensembles.
 
@@ -69,7 +70,9 @@ def train(
             several small models share one card.
         max_concurrent: trials at once (default: the space's, else what the cluster holds).
         data_dir: where workers find and cache data sets. compile: ``fit``'s ``compile``.
-        verbose: 0 silent, 1 progress, 2 everything Ray prints.
+        verbose: 0 silent, 1 one progress bar, 2 also Tune's table and everything Ray's processes
+            print (otherwise kept in Ray's session folder).
+        mlflow: an MLflow tracking URI to log each trial's spec and per-epoch metrics to.
     """
     started = time.perf_counter()
     resources = dataclasses.replace(
@@ -97,7 +100,7 @@ def train(
                              test_subset=pending[0].test_subset)
             setup = TrialSetup.of(space.data, store, resources, data_dir=data_dir, compile=compile)
             result = run_trials(pending, store, setup, name=f"sweep-{space.name}", max_concurrent=max_concurrent,
-                                verbose=verbose)
+                                verbose=verbose, mlflow=mlflow)
         result.ray_init_seconds = init_seconds
     else:
         result = SweepResult()
@@ -125,10 +128,12 @@ def complete(
     address: str | None = None,
     data_dir: str | os.PathLike | None = None,
     options: MatrixOptions | None = None,
-    progress: bool = True,
+    verbose: int = 1,
+    mlflow: str | None = None,
 ) -> Completion:
     """Train the space's missing models, record its ensembles and compute its missing matrix
     cells, on a private local Ray instance (``address`` None) or the cluster at ``address``.
+    ``verbose`` and ``mlflow`` as for ``train``; the matrix shows a bar of cells unless 0.
 
     Nothing is started when the store already holds everything.
     """
@@ -141,9 +146,9 @@ def complete(
     from rm_sweep.orchestration.attack_matrix import run_matrix
     from rm_sweep.orchestration.session import ray_session
 
-    with ray_session(address):
+    with ray_session(address, log_to_driver=verbose >= 2):
         done.started_ray = True
-        swept = train(space, store, address=address, data_dir=data_dir, verbose=1 if progress else 0)
+        swept = train(space, store, address=address, data_dir=data_dir, verbose=verbose, mlflow=mlflow)
         done.models_trained = len(swept.trained)
         if not swept.ok:
             raise UserError(f"the sweep did not train {len(swept.failed) + len(swept.unfinished)} model(s) "
@@ -153,7 +158,7 @@ def complete(
             images, labels = matrix_images(space, data_dir)
             ensembles = {e.ensemble_id: e.member_ids for e in space.ensembles()}
             done.matrix = run_matrix(cells, store, images, labels, ensembles, options or MatrixOptions(),
-                                     progress=progress)
+                                     progress=verbose > 0)
     done.seconds = time.perf_counter() - start
     return done
 

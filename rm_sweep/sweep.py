@@ -34,7 +34,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="list the models and whether the store has them; train nothing")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile each model (default: on for trials with a GPU, with CUDA graphs)")
-    p.add_argument("--quiet", action="store_true", help="no progress table")
     return p.parse_args(argv)
 
 
@@ -67,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     result = pipeline.train(space, store, address=args.address, num_cpus=args.num_cpus,
                             cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                             max_concurrent=args.max_concurrent, data_dir=args.data_dir, compile=args.compile,
-                            verbose=0 if args.quiet else 1)
+                            verbose=cli.verbosity(args), mlflow=args.mlflow)
     if not result.trained and not result.failed and not result.unfinished:
         print(f"{space.name}: {len(result.skipped)} of {len(space.models())} models in {store.uri}")
     else:

@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     if not fig14_cells(space):
         raise UserError(f"{space_path}: no Fig. 14 cells (black-box madry_fgsm / madry_pgd from a normal resnet18 "
                         "onto resnet18 targets with shallow masks); see search_spaces/fig14.yaml")
-    done = pipeline.complete(space, store, address=args.address, data_dir=args.data_dir)
+    done = pipeline.complete(space, store, address=args.address, data_dir=args.data_dir, verbose=cli.verbosity(args),
+                             mlflow=args.mlflow)
     rows = fig14_rows(store, space)
     summary = fig14_summary(rows)
     paper_scale = is_paper_setting(store, rows)

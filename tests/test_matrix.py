@@ -98,7 +98,7 @@ def test_matrix_equals_in_process_counts_and_crafts_once_per_source_and_setting(
         local_ray, tiny: tuple[SearchSpace, Store, Path], reference: dict, tmp_path: Path) -> None:
     space, built, data_dir = tiny
     store = _fresh_store(built, tmp_path / "store")
-    done = complete(space, store, data_dir=data_dir, progress=False)
+    done = complete(space, store, data_dir=data_dir, verbose=0)
     report = done.matrix
     assert done.models_trained == 0 and report.cells == len(space.cells)
     _assert_matches(store, space, reference)
@@ -116,9 +116,9 @@ def test_rerun_adds_no_rows_and_starts_nothing(
         local_ray, tiny: tuple[SearchSpace, Store, Path], tmp_path: Path) -> None:
     space, built, data_dir = tiny
     store = _fresh_store(built, tmp_path / "store")
-    first = complete(space, store, data_dir=data_dir, progress=False)
+    first = complete(space, store, data_dir=data_dir, verbose=0)
     files = sorted(Path(store.path("matrix")).iterdir())
-    again = complete(space, store, data_dir=data_dir, progress=False)
+    again = complete(space, store, data_dir=data_dir, verbose=0)
     assert first.matrix.cells == len(space.cells)
     assert again.matrix is None and not again.started_ray
     assert sorted(Path(store.path("matrix")).iterdir()) == files
@@ -231,7 +231,7 @@ def test_query_cells_count_their_budget_and_resume(
     images, labels = matrix_images(beyond, data_dir)
     first = run_matrix(cells[:1], store, images, labels, {}, progress=False)  # an interrupted run kept one cell
     stored = store.matrix().to_dict("records")
-    done = complete(beyond, store, data_dir=data_dir, options=MatrixOptions(actors=1), progress=False)
+    done = complete(beyond, store, data_dir=data_dir, options=MatrixOptions(actors=1), verbose=0)
     assert first.cells == 1 and done.matrix.cells == len(beyond.cells) - 1  # only what was missing
     rows = {_row_key(r): r for r in store.matrix().to_dict("records")}
     again = rows[_row_key(stored[0])]  # the stored cell was not computed again:

@@ -66,7 +66,7 @@ def test_sweep_and_matrix_spread_over_nodes_and_land_in_the_bucket(
 
     swept = train(space, store, address=multinode.cluster.address, data_dir=data_dir, verbose=0)
     done = complete(space, store, address=multinode.cluster.address, data_dir=data_dir,
-                    options=MatrixOptions(batch_size=100), progress=False)
+                    options=MatrixOptions(batch_size=100), verbose=0)
 
     assert swept.ok and sorted(swept.trained) == ids and len(ids) == 3
     assert done.models_trained == 0 and done.matrix is not None and done.matrix.cells == len(space.cells) == 2

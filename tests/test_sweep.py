@@ -125,3 +125,24 @@ def test_a_killed_worker_resumes_from_its_checkpoint(tmp_path: Path, local_ray) 
     reference = _trained_in_one_process(space)  # resuming is exact: the same weights as without interruption
     assert all(torch.equal(stored[k], v) for k, v in reference.items())
     assert not os.listdir(tmp_path / "store" / "_ray" / "train")  # finished runs leave no training state
+
+
+def test_mlflow_gets_each_models_spec_and_per_epoch_metrics(tmp_path: Path, local_ray) -> None:
+    mlflow = pytest.importorskip("mlflow")
+    space = load_space(write_tiny_space(tmp_path, "tracked", [{"name": "m", "shallow_ratio": 0.5}], epochs=2))
+    (spec,) = space.models()
+    uri = (tmp_path / "mlruns").as_uri()
+    result = train(space, Store(tmp_path / "store"), verbose=0, mlflow=uri)
+    assert result.ok
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "sweep-tracked"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    params = run.data.params
+    assert params["model/model_id"] == spec.model_id
+    assert params["model/arch"] == "resnet18" and float(params["model/mask/shallow_ratio"]) == 0.5
+    # One point per report: each epoch's, then the trial's closing summary (which repeats the last).
+    epochs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "epoch")}
+    accuracy = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "test_accuracy")}
+    assert sorted(set(epochs.values())) == [1, 2] and accuracy.keys() == epochs.keys()
+    assert accuracy[max(accuracy)] == pytest.approx(Store(tmp_path / "store").models().clean_accuracy.iloc[0])

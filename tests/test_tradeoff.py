@@ -32,6 +32,9 @@ MODELS = [
 MATRIX = [{"sources": ["source"], "targets": ["normal", "shallow", "deep"], "attacks": ["madry_fgsm", "madry_pgd"],
            "protocols": ["black"]}]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# What Ray and Tune print by themselves, kept off the console unless --verbose.
+RAY_CHATTER = ["Token authentication", "Configuration for experiment", "TensorBoard", "Trial status",
+               "Checkpoint successfully created", "Reporting training result", "Requesting resources"]
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +149,9 @@ def test_bad_output_name_fails_before_any_work(filled: tuple[SearchSpace, Store,
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_end_to_end_then_from_the_store(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture) -> None:
-    """Sweep (Ray Tune), matrix (Ray tasks and actors), figure; then the same command from the store."""
+def test_end_to_end_then_from_the_store(tmp_path: Path, data_dir: Path, capfd: pytest.CaptureFixture) -> None:
+    """Sweep (Ray Tune), matrix (Ray tasks and actors), figure; then the same command from the store.
+    The console holds the progress bars and the summary, none of Ray's own chatter."""
     data = write_tinted_folder(tmp_path / "tinted")
     # Two models: one round of two concurrent trials on 2 CPUs (each trial costs ~25 s of Ray start-up).
     space = space_file(tmp_path, data, [{"name": "source", "seed": 0}, {"name": "shallow", "shallow_ratio": 0.5, "seed": 1}],
@@ -156,12 +160,15 @@ def test_end_to_end_then_from_the_store(tmp_path: Path, data_dir: Path, capsys: 
     args = ["--space", str(space), "--store", str(tmp_path / "store"), "--data-dir", str(data_dir),
             "--out", str(tmp_path / "fig14.png")]
     assert tradeoff.main(args) == 0
-    first = capsys.readouterr().out
-    assert "2 model(s) trained, 2 matrix cells added" in first
+    first = capfd.readouterr()
+    assert "2 model(s) trained, 2 matrix cells added" in first.out
+    assert "training 2 model(s)" in first.err
+    for chatter in RAY_CHATTER:
+        assert chatter not in first.out + first.err
     store = Store(tmp_path / "store")
     assert len(store.models()) == 2 and len(store.matrix()) == 2
     assert (tmp_path / "fig14.png").read_bytes().startswith(PNG_SIGNATURE)
     assert tradeoff.main(args) == 0
-    assert "Ray not started" in capsys.readouterr().out
+    assert "Ray not started" in capfd.readouterr().out
     assert len(store.matrix()) == 2
     assert not math.isnan(store.matrix()["defense_rate"].sum())

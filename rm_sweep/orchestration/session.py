@@ -22,6 +22,9 @@ LOCAL_JOB_ENV = {**JOB_ENV, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 # With "clusters" off (Ray's switch for laptops) the node address stays 127.0.0.1 and every
 # server binds to loopback only. Read by the driver at call time and by every process it starts.
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# A new local instance gets token authentication by default and says so in a warning on every
+# start; the protection stays, the warning is kept out of the console.
+_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 def cpu_count() -> int:
@@ -53,7 +56,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, log_
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise UserError(f"cannot connect to the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
     else:
-        with _loopback_only():
+        with _loopback_only(), _quiet_logger(_AUTH_LOGGER):
             ray.init(address="local", num_cpus=num_cpus or cpu_count(), include_dashboard=True,
                      dashboard_host="127.0.0.1", runtime_env={"env_vars": {**LOCAL_JOB_ENV, **(env or {})}},
                      **settings)
@@ -61,6 +64,18 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, log_
         yield True
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Drop the warnings of logger ``name`` for the duration (errors still pass)."""
+    logger = logging.getLogger(name)
+    saved = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(saved)
 
 
 @contextlib.contextmanager

@@ -13,10 +13,14 @@ to the store, once: the store's files are named by model id.
 
 Tune's own state (its experiment files, pickled trial errors) stays in a driver-local temporary
 directory and is never read back: nothing written to a shared store is unpickled. What the sweep
-reports comes from a driver-side callback (``_Collector``), not from Tune's result files.
+reports comes from a driver-side callback (``_Collector``), not from Tune's result files; it also
+draws the console's one progress bar (model, epoch, accuracy, ETA) unless Ray's own output is asked
+for. Each trial's config is its model's spec, so an ``MLflowLoggerCallback`` (``mlflow=``) logs it
+with the per-epoch metrics.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -24,7 +28,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +39,10 @@ import ray.tune
 import torch
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
+from tqdm import tqdm
 
 from rm_sweep.data import load_dataset
+from rm_sweep.errors import UserError
 from rm_sweep.orchestration import faults
 from rm_sweep.orchestration.values import SweepResult, TrialTiming
 from rm_sweep.spaces import Resources
@@ -94,7 +100,7 @@ def trials_that_fit(total: Mapping[str, float], resources: Resources) -> int | N
 
 
 def run_trials(specs: Sequence[ModelSpec], store: Store, setup: TrialSetup, *, name: str,
-               max_concurrent: int | None = None, verbose: int = 1) -> SweepResult:
+               max_concurrent: int | None = None, verbose: int = 1, mlflow: str | None = None) -> SweepResult:
     """Train ``specs`` on the connected Ray cluster, one Tune trial each, into ``store``.
 
     Args:
@@ -103,14 +109,17 @@ def run_trials(specs: Sequence[ModelSpec], store: Store, setup: TrialSetup, *, n
         name: the Tune experiment's name (``sweep-<space>``).
         max_concurrent: trials at once (default: the space's, else what the cluster's CPUs and
             GPUs hold now, else unlimited so an autoscaler sees the whole demand).
-        verbose: Tune's verbosity (0 silent, 1 progress table, 2 everything).
+        verbose: 0 silent, 1 one progress bar, 2 Tune's table and everything Ray prints.
+        mlflow: an MLflow tracking URI: each trial's spec and per-epoch metrics are logged there
+            (the optional extra ``rm_sweep[mlflow]``); the store stays the source of truth.
     Returns:
         ``trained``, ``failed``, ``unfinished``, ``epochs_reported`` and ``timings`` of ``specs``.
     """
     resources = setup.resources
     concurrency = (max_concurrent or resources.max_concurrent_trials
                    or trials_that_fit(ray.cluster_resources(), resources))
-    collector = _Collector()
+    collector = _Collector(specs, progress=verbose == 1)
+    callbacks: list[ray.tune.Callback] = [collector, *_mlflow_callbacks(mlflow, name)]
     tune_dir = tempfile.mkdtemp(prefix="rm_sweep-tune-")  # driver-local: never shared, never restored
     try:
         tuner = ray.tune.Tuner(
@@ -119,18 +128,20 @@ def run_trials(specs: Sequence[ModelSpec], store: Store, setup: TrialSetup, *, n
                 {"cpu": TRIAL_CPU}),
             # One trial per model; Tune's table shows the id as the "model" column and the
             # model's description as the trial name.
-            param_space={"model": ray.tune.grid_search([s.model_id for s in specs])},
+            param_space={"model": ray.tune.grid_search([{"model_id": s.model_id, **s.to_dict()} for s in specs])},
             tune_config=ray.tune.TuneConfig(
                 max_concurrent_trials=concurrency, reuse_actors=True, trial_dirname_creator=_trial_dirname,
                 trial_name_creator=functools.partial(_trial_name, {s.model_id: s.label for s in specs})),
             run_config=ray.tune.RunConfig(
-                name=name, storage_path=tune_dir, verbose=verbose, callbacks=[collector],
+                name=name, storage_path=tune_dir, verbose=2 if verbose >= 2 else 0, callbacks=callbacks,
                 # A trial whose own process dies (its node removed) is retried; its Train run resumes.
                 failure_config=ray.tune.FailureConfig(max_failures=resources.max_failures),
             ),
         )
-        tuner.fit()
+        with _tune_console(verbose):
+            tuner.fit()
     finally:
+        collector.close()
         shutil.rmtree(tune_dir, ignore_errors=True)
     stored = store.model_ids()
     return SweepResult(
@@ -140,41 +151,91 @@ def run_trials(specs: Sequence[ModelSpec], store: Store, setup: TrialSetup, *, n
         timings=collector.timings, epochs_reported=collector.epochs)
 
 
+@contextlib.contextmanager
+def _tune_console(verbose: int) -> Iterator[None]:
+    """Tune prints its experiment header and a TensorBoard hint at every verbosity: below 2 they
+    go nowhere, and the progress bar (on stderr) is the whole console."""
+    if verbose >= 2:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
+
+
+def _mlflow_callbacks(uri: str | None, experiment: str) -> list[ray.tune.Callback]:
+    if uri is None:
+        return []
+    try:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+        import mlflow  # noqa: F401  (the callback imports it only when the run starts)
+    except ImportError:
+        raise UserError("--mlflow needs MLflow: pip install 'rm_sweep[mlflow]'") from None
+    if "://" not in uri or uri.startswith("file:"):
+        # MLflow 3 refuses a folder (file store) unless told it is wanted; naming one is telling it.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return [MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment, save_artifact=False)]
+
+
 class _Collector(ray.tune.Callback):
     """Driver-side record of every trial's reports, timing and failure (Tune's result files are
-    neither needed nor read)."""
+    neither needed nor read), and the sweep's one progress bar: epochs done of all the models'
+    epochs, the last model's epoch and test accuracy, and tqdm's ETA."""
 
-    def __init__(self) -> None:
+    def __init__(self, specs: Sequence[ModelSpec], *, progress: bool) -> None:
         self.epochs: dict[str, list[int]] = {}
         self.timings: dict[str, TrialTiming] = {}
         self.failed: dict[str, str] = {}
+        self.labels = {s.model_id: s.label for s in specs}
+        self.total_epochs, self.progress = sum(s.recipe_config().epochs for s in specs), progress
+        self.bar: tqdm | None = None
+
+    def setup(self, **info: Any) -> None:
+        # Made here, not in __init__: Tune pickles its callbacks first, and a bar holds the console.
+        self.bar = tqdm(total=self.total_epochs, desc=f"training {len(self.labels)} model(s)", unit="epoch",
+                        disable=not self.progress, dynamic_ncols=True)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        model_id = trial.config["model"]
+        model_id = _model_id(trial)
         if "trial_seconds" in result:  # the trial's closing summary, which repeats the last epoch
             self.timings[model_id] = TrialTiming(result["startup_seconds"], result["setup_seconds"],
                                                  result["train_seconds"], result["trial_seconds"])
         elif "epoch" in result:
-            self.epochs.setdefault(model_id, []).append(int(result["epoch"]))
+            epoch, done = int(result["epoch"]), self.epochs.setdefault(model_id, [])
+            # A trial resumed from an earlier run reports from its checkpoint's epoch on, a restarted
+            # worker may repeat one: the bar counts each epoch once.
+            if self.bar is not None:
+                self.bar.update(max(0, epoch - max(done, default=0)))
+            done.append(epoch)
+            if self.bar is not None and "test_accuracy" in result:
+                self.bar.set_postfix_str(f"{self.labels.get(model_id, model_id)} epoch {result['epoch']}, "
+                                         f"test accuracy {100 * result['test_accuracy']:.1f} %")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = Path(trial.error_file).read_text() if trial.error_file and Path(trial.error_file).exists() else ""
-        self.failed[trial.config["model"]] = " ".join(error.split())[:500] or "the trial failed"
+        self.failed[_model_id(trial)] = " ".join(error.split())[:500] or "the trial failed"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _model_id(trial: Any) -> str:
+    return trial.config["model"]["model_id"]
 
 
 def _trial_name(labels: dict[str, str], trial: Any) -> str:
-    model_id = trial.config["model"]
+    model_id = _model_id(trial)
     return f"{labels.get(model_id, 'model')} ({model_id[:8]})"
 
 
 def _trial_dirname(trial: Any) -> str:
-    return f"{trial.config['model']}-{trial.trial_id}"
+    return f"{_model_id(trial)}-{trial.trial_id}"
 
 
 def _trial(config: dict[str, Any], setup: TrialSetup, specs: Mapping[str, ModelSpec]) -> None:
     """Tune function: one model, trained by a one-worker ``TorchTrainer`` unless already stored."""
     t0 = time.time()
-    spec = specs[config["model"]]
+    spec = specs[config["model"]["model_id"]]
     store = Store(setup.store)
     if store.has_model(spec.model_id):  # a retried trial whose model was finished meanwhile
         ray.tune.report({"epoch": spec.recipe_config().epochs, "stored": True})
