@@ -82,7 +82,9 @@ def train(
     pending = store.missing(specs)
     if pending:
         from rm_sweep.orchestration.session import ray_session
-        from rm_sweep.orchestration.trials import TRIAL_CPU, TrialSetup, run_trials
+        import ray
+
+        from rm_sweep.orchestration.trials import TRIAL_CPU, TrialSetup, run_trials, trials_that_fit
 
         if resources.cpus_per_trial <= 2 * TRIAL_CPU or resources.gpus_per_trial < 0:
             raise UserError(f"cpus per trial must be > {2 * TRIAL_CPU:g} and gpus per trial >= 0")
@@ -98,6 +100,11 @@ def train(
                 # machine read the cache instead of each decoding it (and bad data fails first).
                 load_dataset(space.data, data_dir=data_dir, train_subset=pending[0].train_subset,
                              test_subset=pending[0].test_subset)
+            if started_ray:
+                # A private instance cannot grow: trials beyond what it holds would each take their
+                # Tune share of a CPU, and then none could start its worker.
+                fits = trials_that_fit(ray.cluster_resources(), resources) or 1
+                max_concurrent = min(max_concurrent or resources.max_concurrent_trials or fits, fits)
             setup = TrialSetup.of(space.data, store, resources, data_dir=data_dir, compile=compile)
             result = run_trials(pending, store, setup, name=f"sweep-{space.name}", max_concurrent=max_concurrent,
                                 verbose=verbose, mlflow=mlflow)

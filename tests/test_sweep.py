@@ -146,3 +146,13 @@ def test_mlflow_gets_each_models_spec_and_per_epoch_metrics(tmp_path: Path, loca
     accuracy = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "test_accuracy")}
     assert sorted(set(epochs.values())) == [1, 2] and accuracy.keys() == epochs.keys()
     assert accuracy[max(accuracy)] == pytest.approx(Store(tmp_path / "store").models().clean_accuracy.iloc[0])
+
+
+@pytest.mark.timeout(400)
+def test_a_private_instance_runs_no_more_trials_than_it_holds(tmp_path: Path) -> None:
+    # Two trials of 2 CPUs asked to run at once on 2 CPUs: both would take their Tune share and
+    # neither could start its worker. One at a time, both finish.
+    space = load_space(write_tiny_space(tmp_path, "crowded", [{"name": "m", "seed": [0, 1]}]))
+    result = train(space, Store(tmp_path / "store"), num_cpus=2, cpus_per_trial=2, max_concurrent=2, verbose=0)
+    assert result.ok and sorted(result.trained) == sorted(s.model_id for s in space.models())
+    assert all(len(epochs) == 1 for epochs in result.epoch_metrics.values())

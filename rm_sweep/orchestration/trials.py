@@ -148,7 +148,8 @@ def run_trials(specs: Sequence[ModelSpec], store: Store, setup: TrialSetup, *, n
         trained=[s.model_id for s in specs if s.model_id in stored],
         failed={k: v for k, v in collector.failed.items() if k not in stored},
         unfinished=[s.model_id for s in specs if s.model_id not in stored and s.model_id not in collector.failed],
-        timings=collector.timings, epochs_reported=collector.epochs)
+        timings=collector.timings, epochs_reported=collector.epochs,
+        epoch_metrics=collector.epoch_metrics)
 
 
 @contextlib.contextmanager
@@ -176,6 +177,10 @@ def _mlflow_callbacks(uri: str | None, experiment: str) -> list[ray.tune.Callbac
     return [MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment, save_artifact=False)]
 
 
+_EPOCH_METRICS = ("epoch", "train_loss", "train_accuracy", "test_accuracy", "images_per_second", "lr",
+                  "epoch_seconds", "train_seconds")
+
+
 class _Collector(ray.tune.Callback):
     """Driver-side record of every trial's reports, timing and failure (Tune's result files are
     neither needed nor read), and the sweep's one progress bar: epochs done of all the models'
@@ -183,6 +188,7 @@ class _Collector(ray.tune.Callback):
 
     def __init__(self, specs: Sequence[ModelSpec], *, progress: bool) -> None:
         self.epochs: dict[str, list[int]] = {}
+        self.epoch_metrics: dict[str, list[dict[str, float]]] = {}
         self.timings: dict[str, TrialTiming] = {}
         self.failed: dict[str, str] = {}
         self.labels = {s.model_id: s.label for s in specs}
@@ -206,6 +212,8 @@ class _Collector(ray.tune.Callback):
             if self.bar is not None:
                 self.bar.update(max(0, epoch - max(done, default=0)))
             done.append(epoch)
+            self.epoch_metrics.setdefault(model_id, []).append(
+                {k: float(v) for k, v in result.items() if k in _EPOCH_METRICS})
             if self.bar is not None and "test_accuracy" in result:
                 self.bar.set_postfix_str(f"{self.labels.get(model_id, model_id)} epoch {result['epoch']}, "
                                          f"test accuracy {100 * result['test_accuracy']:.1f} %")

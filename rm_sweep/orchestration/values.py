@@ -39,6 +39,8 @@ class SweepResult:
     unfinished: list[str] = field(default_factory=list)
     timings: dict[str, TrialTiming] = field(default_factory=dict)
     epochs_reported: dict[str, list[int]] = field(default_factory=dict)
+    # Each reported epoch's metrics (``rm_sweep.train.fit``'s), in order of arrival.
+    epoch_metrics: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     ray_init_seconds: float = 0.0
     seconds: float = 0.0
 
