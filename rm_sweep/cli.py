@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any, Callable
 
 from rm_sweep import checks
@@ -57,10 +58,24 @@ def add_store(p: argparse.ArgumentParser) -> None:
                    help="store directory or s3:// URI (default: $RM_SWEEP_STORE or ./store)")
 
 
+def default_address() -> str | None:
+    """The Ray cluster a command joins without ``--address``: ``$RAY_ADDRESS`` when set and not
+    empty, as ``ray.init`` reads it (``ray job submit`` sets it to the cluster for a job's
+    driver); None otherwise, which means a private local Ray instance."""
+    return os.environ.get("RAY_ADDRESS") or None
+
+
+def _address(text: str) -> str | None:
+    """An argparse type: a Ray address; ``local`` (Ray's word for "start one here") is None, the
+    private local instance, whether it comes from ``--address`` or ``$RAY_ADDRESS``."""
+    return None if text == "local" else text
+
+
 def add_cluster(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=None,
-                   help="Ray cluster to use (auto, ray://HOST:10001); default: a private local Ray instance with "
-                        "this machine's CPUs, on the loopback interface")
+    p.add_argument("--address", default=default_address(), type=_address,
+                   help="Ray cluster to join (auto, HOST:6379, ray://HOST:10001) or local; default: $RAY_ADDRESS "
+                        "when set (ray job submit sets it for a job), else local: a private Ray instance with this "
+                        "machine's CPUs, on the loopback interface")
 
 
 def add_data(p: argparse.ArgumentParser) -> None:
@@ -77,4 +92,5 @@ def add_pipeline(p: argparse.ArgumentParser) -> None:
     add_data(p)
 
 
-__all__ = ["Parser", "add_cluster", "add_data", "add_pipeline", "add_store", "count", "parser", "positive", "seed"]
+__all__ = ["Parser", "add_cluster", "add_data", "add_pipeline", "add_store", "count", "default_address", "parser",
+           "positive", "seed"]
