@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from rm_sweep import checks
 from rm_sweep.errors import UserError
 from rm_sweep.store import default_store_uri
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class Parser(argparse.ArgumentParser):
@@ -85,6 +88,11 @@ def add_data(p: argparse.ArgumentParser) -> None:
                         "(default: $RM_SWEEP_DATA_DIR or ~/.cache/rm_sweep)")
 
 
+def print_table(frame: pd.DataFrame) -> None:
+    """Print a status table (models, cells): no index, missing values as ``-``, 4 digits."""
+    print(frame.to_string(index=False, na_rep="-", float_format=lambda x: f"{x:.4g}") if len(frame) else "(none)")
+
+
 def add_pipeline(p: argparse.ArgumentParser) -> None:
     """The flags of every command that fills a store from a search space."""
     add_store(p)
@@ -93,4 +101,4 @@ def add_pipeline(p: argparse.ArgumentParser) -> None:
 
 
 __all__ = ["Parser", "add_cluster", "add_data", "add_pipeline", "add_store", "count", "default_address", "parser",
-           "positive", "seed"]
+           "positive", "print_table", "seed"]
