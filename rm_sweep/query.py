@@ -282,6 +282,7 @@ def _plain(value: Any) -> str:
 
 
 def _cell(value: Any) -> str:
+    """A Markdown cell: ``_plain`` with ``|`` escaped."""
     return _plain(value).replace("|", "\\|")
 
 
