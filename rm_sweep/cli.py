@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-from typing import Any, Callable
+import os
+from typing import TYPE_CHECKING, Any, Callable
 
 from rm_sweep import checks
 from rm_sweep.errors import UserError
 from rm_sweep.store import default_store_uri
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class Parser(argparse.ArgumentParser):
@@ -58,10 +62,24 @@ def add_store(p: argparse.ArgumentParser) -> None:
                    help="store directory or s3:// URI (default: $RM_SWEEP_STORE or ./store)")
 
 
+def default_address() -> str | None:
+    """The Ray cluster a command joins without ``--address``: ``$RAY_ADDRESS`` when set and not
+    empty, as ``ray.init`` reads it (``ray job submit`` sets it to the cluster for a job's
+    driver); None otherwise, which means a private local Ray instance."""
+    return os.environ.get("RAY_ADDRESS") or None
+
+
+def _address(text: str) -> str | None:
+    """An argparse type: a Ray address; ``local`` (Ray's word for "start one here") is None, the
+    private local instance, whether it comes from ``--address`` or ``$RAY_ADDRESS``."""
+    return None if text == "local" else text
+
+
 def add_cluster(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=None,
-                   help="Ray cluster to use (auto, ray://HOST:10001); default: a private local Ray instance with "
-                        "this machine's CPUs, on the loopback interface")
+    p.add_argument("--address", default=default_address(), type=_address,
+                   help="Ray cluster to join (auto, HOST:6379, ray://HOST:10001) or local; default: $RAY_ADDRESS "
+                        "when set (ray job submit sets it for a job), else local: a private Ray instance with this "
+                        "machine's CPUs, on the loopback interface")
 
 
 def add_data(p: argparse.ArgumentParser) -> None:
@@ -69,6 +87,11 @@ def add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None,
                    help="where data sets are downloaded and decoded caches kept "
                         "(default: $RM_SWEEP_DATA_DIR or ~/.cache/rm_sweep)")
+
+
+def print_table(frame: pd.DataFrame) -> None:
+    """Print a status table (models, cells): no index, missing values as ``-``, 4 digits."""
+    print(frame.to_string(index=False, na_rep="-", float_format=lambda x: f"{x:.4g}") if len(frame) else "(none)")
 
 
 def add_pipeline(p: argparse.ArgumentParser) -> None:
@@ -100,5 +123,5 @@ def verbosity(args: argparse.Namespace) -> int:
     return 0 if args.quiet else 2 if args.verbose else 1
 
 
-__all__ = ["Parser", "add_cluster", "add_data", "add_pipeline", "add_store", "count", "mlflow_uri", "parser", "positive", "seed",
-           "verbosity"]
+__all__ = ["Parser", "add_cluster", "add_data", "add_pipeline", "add_store", "count", "default_address", "mlflow_uri",
+           "parser", "positive", "print_table", "seed", "verbosity"]

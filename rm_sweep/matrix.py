@@ -19,7 +19,7 @@ from rm_sweep.store import Store
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = cli.parser("python -m rm_sweep.matrix", "Craft and evaluate every attack-matrix cell a search space names "
                                                 "and the store lacks (training missing models first).")
-    p.add_argument("space", help="search space file (search_spaces/*.yaml)")
+    p.add_argument("space", help="search space: a YAML file or a packaged name (table2, fig14, ...)")
     cli.add_pipeline(p)
     p.add_argument("--actors", type=cli.count(), default=None,
                    help="target-shard actors (default: as many as fit beside one crafting task)")

@@ -2,6 +2,7 @@
 
     train(space, store)       # every model of the space the store lacks (Ray Tune + Ray Train)
     complete(space, store)    # that, then every matrix cell the store lacks (crafting tasks + actors)
+    model_status(space, store), cell_status(space, store)   # what a run would do (--dry-run)
 
 "What is missing" is asked of the store (``Store.missing``, ``missing_cells``) before Ray is even
 imported: a store that holds everything answers in a second and starts nothing. The Ray layer
@@ -10,10 +11,12 @@ imported: a store that holds everything answers in a second and starts nothing. 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass
 
+import pandas as pd
 import torch
 
 from rm_sweep.data import load_dataset
@@ -28,6 +31,35 @@ def missing_cells(space: SearchSpace, store: Store) -> list[MatrixCell]:
     """The space's matrix cells that the store does not hold, in file order."""
     stored = store.matrix_keys()
     return [c for c in space.cells if c.key() not in stored]
+
+
+def model_status(space: SearchSpace, store: Store, failed: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per model of ``space``: ``model_id``, ``model`` (its label), ``status`` (``stored``,
+    ``missing``, or ``failed`` when its id is in ``failed``), and the stored ``clean_accuracy``
+    and ``train_seconds`` (NaN when not stored)."""
+    missing = {s.model_id for s in store.missing(space.models())}
+    stored = store.models().set_index("model_id")
+    rows = []
+    for spec in space.models():
+        row = None if spec.model_id in missing else stored.loc[spec.model_id]
+        status = "stored" if row is not None else ("failed" if spec.model_id in (failed or {}) else "missing")
+        rows.append({"model_id": spec.model_id, "model": spec.label, "status": status,
+                     "clean_accuracy": math.nan if row is None else row.clean_accuracy,
+                     "train_seconds": math.nan if row is None else row.train_seconds})
+    return pd.DataFrame(rows, columns=["model_id", "model", "status", "clean_accuracy", "train_seconds"])
+
+
+def cell_status(space: SearchSpace, store: Store) -> pd.DataFrame:
+    """One row per matrix cell of ``space``, in file order: ``protocol``, ``attack``, ``source``
+    and ``target`` (labels; ``-`` for no source), ``limit`` and ``status`` (``stored`` or
+    ``missing``, by ``missing_cells``)."""
+    missing = {c.key() for c in missing_cells(space, store)}
+    names = {s.model_id: s.label for s in space.models()} | {e.ensemble_id: e.label for e in space.ensembles()}
+    rows = [{"protocol": c.protocol, "attack": c.attack,
+             "source": names.get(c.source_id, c.source_id) if c.source_id else "-",
+             "target": names.get(c.target_id, c.target_id), "limit": c.limit,
+             "status": "missing" if c.key() in missing else "stored"} for c in space.cells]
+    return pd.DataFrame(rows, columns=["protocol", "attack", "source", "target", "limit", "status"])
 
 
 def matrix_images(space: SearchSpace, data_dir: str | os.PathLike | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,9 +114,7 @@ def train(
     pending = store.missing(specs)
     if pending:
         from rm_sweep.orchestration.session import ray_session
-        import ray
-
-        from rm_sweep.orchestration.trials import TRIAL_CPU, TrialSetup, run_trials, trials_that_fit
+        from rm_sweep.orchestration.trials import TRIAL_CPU, TrialSetup, run_trials
 
         if resources.cpus_per_trial <= 2 * TRIAL_CPU or resources.gpus_per_trial < 0:
             raise UserError(f"cpus per trial must be > {2 * TRIAL_CPU:g} and gpus per trial >= 0")
@@ -100,14 +130,9 @@ def train(
                 # machine read the cache instead of each decoding it (and bad data fails first).
                 load_dataset(space.data, data_dir=data_dir, train_subset=pending[0].train_subset,
                              test_subset=pending[0].test_subset)
-            if started_ray:
-                # A private instance cannot grow: trials beyond what it holds would each take their
-                # Tune share of a CPU, and then none could start its worker.
-                fits = trials_that_fit(ray.cluster_resources(), resources) or 1
-                max_concurrent = min(max_concurrent or resources.max_concurrent_trials or fits, fits)
             setup = TrialSetup.of(space.data, store, resources, data_dir=data_dir, compile=compile)
             result = run_trials(pending, store, setup, name=f"sweep-{space.name}", max_concurrent=max_concurrent,
-                                verbose=verbose, mlflow=mlflow)
+                                fixed_size=started_ray, verbose=verbose, mlflow=mlflow)
         result.ray_init_seconds = init_seconds
     else:
         result = SweepResult()
@@ -170,4 +195,4 @@ def complete(
     return done
 
 
-__all__ = ["Completion", "complete", "matrix_images", "missing_cells", "train"]
+__all__ = ["Completion", "cell_status", "complete", "matrix_images", "missing_cells", "model_status", "train"]

@@ -3,7 +3,8 @@
     python -m rm_sweep.query                                   # tables, rows, columns
     python -m rm_sweep.query models --where shallow_ratio=0.7 --columns model_id,seed,clean_accuracy
     python -m rm_sweep.query pivot --setting madry_pgd          # targets x sources, defense rate in %
-    python -m rm_sweep.query --sql "SELECT attack, AVG(defense_rate) FROM matrix GROUP BY attack"
+    python -m rm_sweep.query --sql "SELECT attack, median(defense_rate) FROM matrix GROUP BY attack"
+    python -m rm_sweep.query pivot --setting madry_pgd --format latex   # a LaTeX tabular for a paper
 
 The same as Python, returning DataFrames::
 
@@ -12,8 +13,9 @@ The same as Python, returning DataFrames::
     query.pivot("store", "madry_pgd")
     query.sql("store", "SELECT * FROM models WHERE clean_accuracy > 0.4")
 
-SQL runs in an in-memory SQLite database (Python's own ``sqlite3``, no extra dependency) holding
-the three tables; list columns (an ensemble's members) become JSON text and times ISO text.
+SQL is DuckDB's (``stddev``, ``median``, ``PIVOT``, lists and timestamps as such) over the
+store's own Arrow tables, read-only and reaching nothing else: ``rm_sweep.sql_engine``.
+Output formats: an aligned table, CSV, Markdown, a LaTeX ``tabular`` (booktabs rules) or Parquet.
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ import io
 import json
 import math
 import re
-import sqlite3
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -31,14 +32,14 @@ from typing import Any, Sequence
 import pandas as pd
 import pyarrow.fs as pafs
 
-from rm_sweep import cli
+from rm_sweep import cli, sql_engine
 from rm_sweep.errors import UserError, cli_main
 from rm_sweep.protocols import PROTOCOLS
 from rm_sweep.spec import paper_label
 from rm_sweep.store import Store
 from rm_sweep.tables import TABLES
 
-FORMATS = ("table", "csv", "markdown", "parquet")
+FORMATS = ("table", "csv", "markdown", "latex", "parquet")
 _CONDITION = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|!=|==|=|<|>)\s*(.*?)\s*$")
 
 
@@ -227,26 +228,19 @@ def _params_label(params: str) -> str:
 
 
 def sql(store: Store | str, query: str) -> pd.DataFrame:
-    """Run a SQLite ``query`` over the tables ``models``, ``matrix`` and ``ensembles``."""
-    store = _store(store)
-    connection = sqlite3.connect(":memory:")
-    try:
-        for name in TABLES:
-            frame = read(store, name).copy()
-            for column in frame.columns:
-                if pd.api.types.is_datetime64_any_dtype(frame[column]):
-                    frame[column] = frame[column].map(lambda t: t.isoformat() if pd.notna(t) else None)
-                elif frame[column].map(lambda v: isinstance(v, (list, tuple)) or hasattr(v, "tolist")).any():
-                    frame[column] = frame[column].map(lambda v: json.dumps(list(v)) if v is not None else None)
-            frame.to_sql(name, connection, index=False)
-        try:
-            cursor = connection.execute(query)
-        except sqlite3.Error as exc:
-            raise UserError(f"SQL: {str(exc).splitlines()[0]}") from None
-        columns = [d[0] for d in cursor.description or ()]
-        return pd.DataFrame(cursor.fetchall(), columns=columns)
-    finally:
-        connection.close()
+    """Run a DuckDB ``query`` over the store's tables ``models``, ``matrix`` and ``ensembles``.
+
+    DuckDB's SQL on the tables' own types: aggregates such as ``stddev`` and ``median``,
+    ``PIVOT``, an ensemble's ``members`` as a list (``len(members)``, ``unnest(members)``),
+    ``created_at`` as a UTC timestamp. Read-only: the query reaches these three tables and
+    nothing else (no file, URL, extension or setting; ``rm_sweep.sql_engine``).
+
+    Returns:
+        the result, one column per selected expression (lists as arrays, timestamps tz-aware).
+    Raises:
+        UserError: ``SQL: ...``, DuckDB's message in one line.
+    """
+    return sql_engine.run(_store(store), query).to_pandas()
 
 
 def to_markdown(frame: pd.DataFrame, *, index: bool = False) -> str:
@@ -266,12 +260,30 @@ def to_markdown(frame: pd.DataFrame, *, index: bool = False) -> str:
     return "\n".join([line(header), rule, *(line(r) for r in cells)])
 
 
-def _cell(value: Any) -> str:
+def to_latex(frame: pd.DataFrame, *, index: bool = False) -> str:
+    """A LaTeX ``tabular`` with booktabs rules (``\\usepackage{booktabs}``): text escaped, numbers
+    right-aligned and printed as in ``to_markdown``, missing values blank."""
+    frame = frame.reset_index() if index else frame.copy()
+    # Text columns become plain strings first: LaTeX escaping applies to strings only, and a
+    # list cell (an ensemble's members) would otherwise reach the page unescaped.
+    for column in frame.columns:
+        if not pd.api.types.is_numeric_dtype(frame[column]) or pd.api.types.is_bool_dtype(frame[column]):
+            frame[column] = frame[column].map(_plain)
+    return frame.to_latex(index=False, escape=True, na_rep="", float_format=_plain)
+
+
+def _plain(value: Any) -> str:
+    """A cell as text: blank when missing, floats to 6 significant digits."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, float):
         return f"{value:.6g}"
-    return str(value).replace("|", "\\|")
+    return str(value)
+
+
+def _cell(value: Any) -> str:
+    """A Markdown cell: ``_plain`` with ``|`` escaped."""
+    return _plain(value).replace("|", "\\|")
 
 
 def write(frame: pd.DataFrame, fmt: str, out: str | None, *, index: bool = False) -> None:
@@ -292,6 +304,8 @@ def write(frame: pd.DataFrame, fmt: str, out: str | None, *, index: bool = False
         text = frame.to_csv(index=index)
     elif fmt == "markdown":
         text = to_markdown(frame, index=index) + "\n"
+    elif fmt == "latex":
+        text = to_latex(frame, index=index)
     else:
         with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 200,
                                "display.max_colwidth", 60):
@@ -307,10 +321,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "python -m rm_sweep.query",
         "Read the store. Without arguments: list its tables. TABLE: print a table (filtered with --where). "
         "pivot --setting S: the matrix for one attack setting as targets x sources, the paper's layout. "
-        "--sql: a SQLite query over models, matrix and ensembles.")
+        "--sql: a DuckDB query over models, matrix and ensembles (read-only; nothing else is reachable).")
     parser.epilog = ("examples: models --where shallow_ratio=0.9 --columns model_id,seed,clean_accuracy | "
                      "pivot --setting madry_pgd --format markdown | "
-                     "--sql \"SELECT attack, AVG(defense_rate) FROM matrix GROUP BY attack\"")
+                     "--sql \"SELECT attack, median(defense_rate) FROM matrix GROUP BY attack\"")
     parser.add_argument("what", nargs="?", choices=[*TABLES, "pivot"], help="a table, or pivot")
     cli.add_store(parser)
     parser.add_argument("--where", action="append", default=[], metavar="COL=VALUE",
@@ -321,7 +335,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="pivot: the protocol (default black)")
     parser.add_argument("--value", default="defense_rate", help="pivot: defense_rate (%%) or a count column")
     parser.add_argument("--ids", action="store_true", help="pivot: label rows and columns by id")
-    parser.add_argument("--sql", default=None, help="a SQLite query over the tables models, matrix, ensembles")
+    parser.add_argument("--sql", default=None,
+                        help="a DuckDB query over the tables models, matrix, ensembles (stddev, median, PIVOT, ...)")
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: an aligned table)")
     parser.add_argument("--out", default=None, help="write to this file instead of stdout")
     return parser.parse_args(argv)
@@ -352,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["filter_frame", "model_label", "pivot", "read", "sql", "table", "tables", "to_markdown", "write"]
+__all__ = ["filter_frame", "model_label", "pivot", "read", "sql", "table", "tables", "to_latex", "to_markdown", "write"]
 
 if __name__ == "__main__":
     cli_main(main)

@@ -1,10 +1,12 @@
 """Search-space files: YAML describing a set of models and the attack matrix over them.
 
-    space = load_space("search_spaces/quick.yaml", data="folder:../shared/data/cifar10-jpeg")
+    space = load_space("quick", data="folder:../shared/data/cifar10-jpeg")   # or a path to a YAML file
     space.models()      # every ModelSpec to train (ensemble members included), once each
     space.ensembles()   # EnsembleSpecs
     space.cells         # MatrixCells: (protocol, source, target, attack, params, limit)
 
+The spaces of the paper's experiments ship with the package (``rm_sweep/search_spaces/*.yaml``,
+also ``search_spaces/`` in a checkout) and load by bare name: ``quick``, ``fig14``, ``table2``, ...
 The schema is documented field by field in ``docs/search_spaces.md``. Loading validates the whole
 file before anything runs (``rm_sweep.space_parser`` holds the grammar) and raises ``UserError``
 naming the file and the field at fault, e.g. ``search_spaces/x.yaml: models[1].shallow_ratio: 1.2
@@ -18,13 +20,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
 import yaml
 
 from rm_sweep.errors import UserError
 from rm_sweep.spec import EnsembleSpec, MatrixCell, ModelSpec
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 
 @dataclass(frozen=True)
@@ -141,21 +147,43 @@ def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode) -> dict
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 
+# Where the packaged spaces live, inside the installed package (a checkout links search_spaces/ here).
+_PACKAGED: Traversable = resources.files("rm_sweep") / "search_spaces"
+
+
+def packaged_spaces() -> list[str]:
+    """Names of the search spaces shipped with the package (``fig14``, ``quick``, ...), sorted."""
+    return sorted(f.name.removesuffix(".yaml") for f in _PACKAGED.iterdir() if f.name.endswith(".yaml"))
+
+
+def _source(path: str | Path) -> Path | Traversable:
+    """The file ``path`` names: itself if it exists or looks like a path (a directory part or a
+    suffix), else the packaged space of that name when there is one."""
+    path = Path(path)
+    if path.exists() or len(path.parts) != 1 or path.suffix:
+        return path
+    packaged = _PACKAGED / f"{path.name}.yaml"
+    return packaged if packaged.is_file() else path
+
+
 def load_space(path: str | Path, *, data: str | None = None) -> SearchSpace:
-    """Read, validate and expand the search space at ``path``.
+    """Read, validate and expand a search space.
 
     Args:
-        path: a YAML file (schema: ``docs/search_spaces.md``).
+        path: a YAML file (schema: ``docs/search_spaces.md``), or the bare name of a packaged
+            space (``quick``, ``fig14``; ``packaged_spaces()``) when no such file exists.
         data: overrides the file's ``data`` (``--data``); model ids follow the data set used.
     Raises:
-        UserError: naming the file and the field at fault.
+        UserError: naming the file and the field at fault; for a file that cannot be read, also
+            the packaged spaces.
     """
-    path = Path(path)
-    where = str(path)
+    source = _source(path)
+    where = str(source)
     try:
-        text = path.read_text()
+        text = source.read_text()
     except OSError as exc:
-        raise UserError(f"{where}: cannot read the search space ({exc.strerror or exc})") from None
+        raise UserError(f"{where}: cannot read the search space ({exc.strerror or exc}); packaged spaces: "
+                        f"{', '.join(packaged_spaces())}") from None
     try:
         raw = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
@@ -163,7 +191,7 @@ def load_space(path: str | Path, *, data: str | None = None) -> SearchSpace:
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UserError(f"{where}: not valid YAML: {problem}{at}") from None
-    return parse_space(raw, where=where, default_name=path.stem, data=data)
+    return parse_space(raw, where=where, default_name=Path(source.name).stem, data=data)
 
 
 def parse_space(raw: Any, *, where: str = "<dict>", default_name: str = "space", data: str | None = None) -> SearchSpace:
@@ -176,4 +204,4 @@ def parse_space(raw: Any, *, where: str = "<dict>", default_name: str = "space",
         raise UserError(f"{where}: {exc}") from None
 
 
-__all__ = ["EnsembleSeeds", "ModelGroup", "Resources", "SearchSpace", "load_space", "parse_space"]
+__all__ = ["EnsembleSeeds", "ModelGroup", "Resources", "SearchSpace", "load_space", "packaged_spaces", "parse_space"]

@@ -43,6 +43,7 @@ from rm_sweep.errors import UserError
 from rm_sweep.masks import MaskConfig
 from rm_sweep.models import checkpoint_bytes, count_parameters, load_checkpoint
 from rm_sweep.spec import MATRIX_KEY, EnsembleSpec, ModelSpec, canonical_json, matrix_key
+from rm_sweep.uris import is_uri, resolve_uri
 
 RUN_DIR = "_ray"  # Ray's run storage inside the store; "_" hides it from Parquet readers
 
@@ -50,16 +51,6 @@ RUN_DIR = "_ray"  # Ray's run storage inside the store; "_" hides it from Parque
 def default_store_uri() -> str:
     """``$RM_SWEEP_STORE`` or ``store`` (a directory in the working directory)."""
     return os.environ.get("RM_SWEEP_STORE") or "store"
-
-
-def resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and path of a local path or a URI (``s3://bucket/key?options``)."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise UserError(f"{uri}: {str(exc).splitlines()[0]}") from None
 
 
 class Store:
@@ -76,7 +67,7 @@ class Store:
             raise UserError("the store needs a location: a directory or an s3:// URI")
         self.uri = uri
         self._fs, root = resolve_uri(uri)
-        parts = urlsplit(uri) if "://" in uri else None
+        parts = urlsplit(uri) if is_uri(uri) else None
         self._scheme = parts.scheme if parts else ""
         self._query = f"?{parts.query}" if parts and parts.query else ""
         self._root = root.rstrip("/")
@@ -306,4 +297,4 @@ class Store:
                 f.write(data)
 
 
-__all__ = ["RUN_DIR", "Store", "default_store_uri", "resolve_uri"]
+__all__ = ["RUN_DIR", "Store", "default_store_uri"]

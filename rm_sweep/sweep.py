@@ -1,7 +1,7 @@
 """Train every model a search space names: one Ray Tune trial per model, Ray Train inside.
 
-    python -m rm_sweep.sweep search_spaces/quick.yaml --data folder:../shared/data/cifar10-jpeg
-    python -m rm_sweep.sweep search_spaces/fig14.yaml --store s3://bucket/rm --address auto
+    python -m rm_sweep.sweep quick --data folder:../shared/data/cifar10-jpeg     # a packaged space
+    python -m rm_sweep.sweep my_space.yaml --store s3://bucket/rm --address auto
 
 Models already in the store are skipped; an interrupted sweep continues where it stopped when
 run again (each unfinished model from its last finished epoch). The search space is validated
@@ -10,19 +10,17 @@ before Ray starts: a bad file costs one line and exit status 2.
 from __future__ import annotations
 
 import argparse
-import math
-
-import pandas as pd
 
 from rm_sweep import cli, pipeline
 from rm_sweep.errors import cli_main
-from rm_sweep.spaces import SearchSpace, load_space
+from rm_sweep.spaces import load_space
 from rm_sweep.store import Store
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = cli.parser("python -m rm_sweep.sweep", __doc__.split("\n\n")[0])
-    p.add_argument("space", help="search space file (search_spaces/*.yaml; schema: docs/search_spaces.md)")
+    p.add_argument("space", help="search space: a YAML file (schema: docs/search_spaces.md) or a packaged name "
+                                 "(quick, fig14, table2, ...)")
     cli.add_pipeline(p)
     p.add_argument("--num-cpus", type=cli.count(), help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--cpus-per-trial", type=cli.positive(),
@@ -37,23 +35,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def summary(space: SearchSpace, store: Store, failed: dict[str, str] | None = None) -> pd.DataFrame:
-    """One row per model of ``space``: id, description, and what the store says about it."""
-    stored = store.models().set_index("model_id")
-    rows = []
-    for spec in space.models():
-        row = stored.loc[spec.model_id] if spec.model_id in stored.index else None
-        status = "stored" if row is not None else ("failed" if spec.model_id in (failed or {}) else "missing")
-        rows.append({"model_id": spec.model_id, "model": spec.label, "status": status,
-                     "clean_accuracy": math.nan if row is None else row.clean_accuracy,
-                     "train_seconds": math.nan if row is None else row.train_seconds})
-    return pd.DataFrame(rows)
-
-
-def _print_summary(space: SearchSpace, store: Store, failed: dict[str, str] | None = None) -> None:
-    print(summary(space, store, failed).to_string(index=False, na_rep="-", float_format=lambda x: f"{x:.4g}"))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     space = load_space(args.space, data=args.data)
@@ -61,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         missing = store.missing(space.models())
         print(f"{space.name}: {len(space.models()) - len(missing)} of {len(space.models())} models in {store.uri}")
-        _print_summary(space, store)
+        cli.print_table(pipeline.model_status(space, store))
         return 0
     result = pipeline.train(space, store, address=args.address, num_cpus=args.num_cpus,
                             cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
@@ -72,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"\n{space.name}: {len(result.trained)} trained, {len(result.skipped)} already in {store.uri}, "
               f"{len(result.failed)} failed, {len(result.unfinished)} unfinished ({result.seconds:.0f} s)")
-    _print_summary(space, store, result.failed)
+    cli.print_table(pipeline.model_status(space, store, result.failed))
     for model_id, error in result.failed.items():
         print(f"failed {model_id}: {error}")
     if result.unfinished:

@@ -1,6 +1,7 @@
 """``python -m rm_sweep.tradeoff``: the paper's Fig. 14, end to end.
 
     python -m rm_sweep.tradeoff --data folder:../shared/data/cifar10-jpeg
+    python -m rm_sweep.tradeoff --space fig14 --dry-run        # what a run would compute; starts nothing
 
 Trains the search space's missing models (the sweep), computes its missing attack-matrix cells
 (the matrix), both on a local Ray instance with this machine's CPUs (or ``--address auto``), then
@@ -16,28 +17,24 @@ from pathlib import Path
 
 import pandas as pd
 
-import rm_sweep
 from rm_sweep import cli, pipeline
 from rm_sweep.errors import UserError, cli_main
 from rm_sweep.figures import check_png_path, draw_fig14, fig14_cells, fig14_rows, fig14_summary, is_paper_setting
 from rm_sweep.paper_results import fig14_points
-from rm_sweep.spaces import load_space
+from rm_sweep.spaces import SearchSpace, load_space
 from rm_sweep.store import Store
 
-QUICK = Path("search_spaces") / "quick.yaml"
-
-
-def default_space() -> Path:
-    """``search_spaces/quick.yaml`` in the working directory, else in the checkout the package runs from."""
-    if QUICK.exists():
-        return QUICK
-    return Path(rm_sweep.__file__).resolve().parent.parent / QUICK
+DEFAULT_SPACE = "quick"  # packaged with rm_sweep, so the default works from any directory
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = cli.parser("python -m rm_sweep.tradeoff", __doc__.split("\n\n")[0])
-    parser.add_argument("--space", default=None, help=f"search space file (default: {QUICK})")
+    parser.add_argument("--space", default=DEFAULT_SPACE,
+                        help=f"search space: a YAML file or a packaged name (fig14, ...; default: {DEFAULT_SPACE})")
     cli.add_pipeline(parser)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the models and matrix cells a run would compute and what the store holds; "
+                             "start nothing")
     parser.add_argument("--out", default="fig14.png", help="figure file (PNG; an SVG is written beside it)")
     parser.add_argument("--paper", choices=("auto", "on", "off"), default="auto",
                         help="overlay the paper's points: auto = only when the space trains models as the paper "
@@ -79,15 +76,29 @@ def headline(summary: pd.DataFrame) -> list[str]:
     return lines
 
 
+def dry_run(space: SearchSpace, store: Store) -> None:
+    """Print what a run would compute: the space's models and matrix cells, each stored or missing."""
+    models, cells = pipeline.model_status(space, store), pipeline.cell_status(space, store)
+    todo_models, todo_cells = (models["status"] != "stored").sum(), (cells["status"] != "stored").sum()
+    print(f"{space.name}: {len(models) - todo_models} of {len(models)} models and {len(cells) - todo_cells} of "
+          f"{len(cells)} matrix cells in {store.uri}; a run would train {todo_models} model(s) and compute "
+          f"{todo_cells} cell(s), then draw the figure (dry run: nothing started)\n")
+    cli.print_table(models)
+    print()
+    cli.print_table(cells)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    space_path = Path(args.space) if args.space else default_space()
-    space = load_space(space_path, data=args.data)
+    space = load_space(args.space, data=args.data)
     store = Store(args.store)
     check_png_path(args.out)  # before hours of work, not after
     if not fig14_cells(space):
-        raise UserError(f"{space_path}: no Fig. 14 cells (black-box madry_fgsm / madry_pgd from a normal resnet18 "
-                        "onto resnet18 targets with shallow masks); see search_spaces/fig14.yaml")
+        raise UserError(f"{space.path}: no Fig. 14 cells (black-box madry_fgsm / madry_pgd from a normal resnet18 "
+                        "onto resnet18 targets with shallow masks); see the packaged space fig14")
+    if args.dry_run:
+        dry_run(space, store)
+        return 0
     done = pipeline.complete(space, store, address=args.address, data_dir=args.data_dir, verbose=cli.verbosity(args),
                              mlflow=args.mlflow)
     rows = fig14_rows(store, space)

@@ -3,14 +3,18 @@ filters, the paper's pivot layout, the output formats and SQL, in Python and on 
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
+import duckdb
 import pandas as pd
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
-from rm_sweep import query
+from rm_sweep import query, sql_engine
 from rm_sweep.data import load_dataset
-from rm_sweep.errors import cli_main
+from rm_sweep.errors import UserError, cli_main
 from rm_sweep.masks import MaskConfig
 from rm_sweep.spec import EnsembleSpec, ModelSpec, canonical_json
 from rm_sweep.store import Store
@@ -116,7 +120,7 @@ def test_pivot_of_noise_has_one_column_per_level(known: dict) -> None:
     assert grid.columns.tolist() == ["sigma 8/255", "Acc"] and grid.iloc[0, 0] == 90.0
 
 
-@pytest.mark.parametrize("fmt", ["csv", "markdown", "table"])
+@pytest.mark.parametrize("fmt", ["csv", "markdown", "latex", "table"])
 def test_cli_pivot_formats_show_the_same_numbers(known: dict, capsys: pytest.CaptureFixture, fmt: str) -> None:
     code, out, _ = _run(["--store", known["store"].uri, "pivot", "--setting", "madry_pgd", "--format", fmt], capsys)
     assert code == 0
@@ -129,8 +133,42 @@ def test_cli_pivot_formats_show_the_same_numbers(known: dict, capsys: pytest.Cap
         lines = out.splitlines()
         assert lines[0].startswith("| target ") and set(lines[1]) <= {"|", "-", ":"}
         assert [c.strip() for c in lines[2].split("|")[1:4]] == ["Normal ResNet-18 (seed 1)", "10", "11"]
+    elif fmt == "latex":
+        header, rows = _tabular(out)
+        assert header == ["target", "from Normal ResNet-18 (seed 0)", "from Normal ResNet-18 (seed 3)", "Acc"]
+        assert [r[:3] for r in rows] == [["Normal ResNet-18 (seed 1)", "10", "11"], ["ResNet-18 0.5-Shallow SM", "30", "31"],
+                                         ["ResNet-18 0.7-Shallow", "20", "21"], ["ResNet-18 0.5-Shallow EN", "40", "41"]]
+        assert rows[3][3] == ""  # an ensemble's accuracy is blank, not "nan"
     else:
         assert "ResNet-18 0.5-Shallow EN" in out and "41.0" in out
+
+
+def _tabular(text: str) -> tuple[list[str], list[list[str]]]:
+    """A booktabs ``tabular`` parsed back: its header and rows as cells, checking its frame (the
+    column spec has one letter per column, every row as many cells, text escaped)."""
+    lines = text.strip().splitlines()
+    spec = re.fullmatch(r"\\begin\{tabular\}\{([lrc]+)\}", lines[0])
+    assert spec and lines[1] == r"\toprule" and lines[3] == r"\midrule" and lines[-2:] == [r"\bottomrule", r"\end{tabular}"]
+    body = [lines[2], *lines[4:-2]]
+    assert all(line.endswith(r" \\") for line in body)
+    cells = [[c.strip() for c in line[:-3].split(" & ")] for line in body]
+    assert {len(c) for c in cells} == {len(spec.group(1))}
+    return cells[0], cells[1:]
+
+
+def test_latex_escapes_text_and_lists() -> None:
+    frame = pd.DataFrame({"model_id": ["a_1", "b&c"], "members": [["x_1", "y"], None], "rate": [0.5, float("nan")]})
+    header, rows = _tabular(query.to_latex(frame))
+    assert header == [r"model\_id", "members", "rate"]
+    assert rows == [[r"a\_1", r"['x\_1', 'y']", "0.5"], [r"b\&c", "", ""]]
+
+
+def test_cli_table_as_latex(known: dict, capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = _run(["--store", known["store"].uri, "models", "--columns", "model_id,seed,clean_accuracy",
+                         "--where", "seed=1", "--format", "latex"], capsys)
+    assert code == 0 and out.startswith("\\begin{tabular}{lrr}")
+    header, rows = _tabular(out)
+    assert header == [r"model\_id", "seed", r"clean\_accuracy"] and len(rows) == 5 and {r[1] for r in rows} == {"1"}
 
 
 def test_markdown_is_exact() -> None:
@@ -147,16 +185,105 @@ def test_cli_parquet_round_trips(known: dict, capsys: pytest.CaptureFixture, tmp
     assert sorted(back["model_id"]) == sorted(query.table(known["store"], "models", ["seed=1"])["model_id"])
 
 
-def test_sql_over_all_tables(known: dict, capsys: pytest.CaptureFixture) -> None:
-    frame = query.sql(known["store"], "SELECT target_kind, SUM(n_defended) AS defended FROM matrix "
-                                      "WHERE protocol = 'black' GROUP BY target_kind ORDER BY target_kind")
+@pytest.fixture(params=["local", "s3"])
+def either(known: dict, request: pytest.FixtureRequest) -> Store:
+    """The known store as it is, or copied onto the moto S3 server: SQL reads both alike."""
+    if request.param == "local":
+        return known["store"]
+    remote = Store(request.getfixturevalue("s3_uri"))
+    pafs.copy_files(known["store"].path(), remote.path(), source_filesystem=known["store"].filesystem,
+                    destination_filesystem=remote.filesystem)
+    return remote
+
+
+def test_sql_over_all_tables(either: Store, capsys: pytest.CaptureFixture) -> None:
+    frame = query.sql(either, "SELECT target_kind, SUM(n_defended) AS defended FROM matrix "
+                              "WHERE protocol = 'black' GROUP BY target_kind ORDER BY target_kind")
     assert frame.to_dict("records") == [{"target_kind": "ensemble", "defended": 81},
                                         {"target_kind": "model", "defended": 10 + 11 + 20 + 21 + 30 + 31}]
-    members = query.sql(known["store"], "SELECT members FROM ensembles")["members"].iloc[0]
-    assert sorted(pd.read_json(io.StringIO(members), typ="series")) == known["ensemble"].member_ids
-    code, out, _ = _run(["--store", known["store"].uri, "--sql", "SELECT COUNT(*) AS n FROM models",
-                         "--format", "csv"], capsys)
+    code, out, _ = _run(["--store", either.uri, "--sql", "SELECT COUNT(*) AS n FROM models", "--format", "csv"], capsys)
     assert (code, out) == (0, "n\n7\n")
+
+
+def test_sql_mean_std_and_median_over_seeds(either: Store, known: dict) -> None:
+    frame = query.sql(either, "SELECT shallow_ratio, count(*) AS n, avg(clean_accuracy) AS mean, "
+                              "stddev(clean_accuracy) AS std, median(clean_accuracy) AS median "
+                              "FROM models GROUP BY shallow_ratio ORDER BY shallow_ratio")
+    expected = known["store"].models().groupby("shallow_ratio")["clean_accuracy"].agg(["count", "mean", "std", "median"])
+    assert frame["shallow_ratio"].tolist() == expected.index.tolist() == [0.0, 0.5, 0.7]
+    assert frame["n"].tolist() == expected["count"].tolist() == [3, 3, 1]
+    for column in ("mean", "std", "median"):  # std over seeds: the sample standard deviation, as pandas'
+        assert frame[column].tolist() == pytest.approx(expected[column].tolist(), nan_ok=True)
+
+
+def test_sql_pivot_is_the_matrix_pivot(either: Store, known: dict) -> None:
+    frame = query.sql(either, "PIVOT (SELECT target_id, source_id, defense_rate FROM matrix WHERE protocol = 'black') "
+                              "ON source_id USING first(defense_rate) GROUP BY target_id ORDER BY target_id")
+    grid = query.pivot(known["store"], "madry_pgd", ids=True).drop(columns="Acc").sort_index()
+    assert frame["target_id"].tolist() == grid.index.tolist()
+    assert sorted(frame.columns[1:]) == sorted(grid.columns) == sorted(s.model_id for s in known["sources"])
+    for source in grid.columns:
+        assert (frame[source] * 100).tolist() == pytest.approx(grid[source].tolist())
+
+
+def test_sql_keeps_lists_and_timestamps(known: dict, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    store, ensemble = known["store"], known["ensemble"]
+    types = query.sql(store, "SELECT typeof(members) AS members, typeof(created_at) AS created_at, "
+                             "len(members) AS n FROM ensembles")
+    assert types.to_dict("records") == [{"members": "VARCHAR[]", "created_at": "TIMESTAMP WITH TIME ZONE", "n": 2}]
+    frame = query.sql(store, "SELECT ensemble_id, members, created_at FROM ensembles")
+    assert sorted(frame["members"].iloc[0]) == ensemble.member_ids
+    assert str(frame["created_at"].dtype) == "datetime64[us, UTC]"
+    assert frame["created_at"].iloc[0] == store.ensembles()["created_at"].iloc[0]
+    unnested = query.sql(store, "SELECT unnest(members) AS member FROM ensembles ORDER BY member")
+    assert unnested["member"].tolist() == ensemble.member_ids
+    out = tmp_path / "ensembles.parquet"
+    code, _, _ = _run(["--store", store.uri, "--sql", "SELECT members, created_at FROM ensembles",
+                       "--format", "parquet", "--out", str(out)], capsys)
+    schema = pq.read_schema(out)
+    assert code == 0 and str(schema.field("members").type) in ("list<element: string>", "list<item: string>")
+    assert str(schema.field("created_at").type) == "timestamp[us, tz=UTC]"
+
+
+@pytest.mark.parametrize("statement, reason", [
+    ("ATTACH '{tmp}/other.db' AS other", "disabled by configuration"),
+    ("COPY models TO '{tmp}/models.csv'", "disabled by configuration"),
+    ("COPY (SELECT * FROM matrix) TO '{tmp}/matrix.parquet' (FORMAT parquet)", "disabled by configuration"),
+    ("VACUUM INTO '{tmp}/copy.db'", "syntax error"),
+    ("EXPORT DATABASE '{tmp}/export'", "disabled by configuration"),
+    ("SELECT * FROM read_csv('{tmp}/secret.csv')", "disabled by configuration"),
+    ("SELECT * FROM '{tmp}/secret.csv'", "disabled by configuration"),
+    ("SELECT * FROM read_text('/etc/passwd')", "disabled by configuration"),
+    ("INSTALL httpfs", "disabled by configuration"),
+    ("LOAD httpfs", "disabled through configuration"),
+    ("SET enable_external_access = true", "configuration has been locked"),
+    ("SET temp_directory = '{tmp}/spill'", "configuration has been locked"),
+    ("RESET lock_configuration", "configuration has been locked"),
+])
+def test_sql_reaches_nothing_but_the_tables(known: dict, capsys: pytest.CaptureFixture, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch, statement: str, reason: str) -> None:
+    (tmp_path / "secret.csv").write_text("password\nhunter2\n")
+    monkeypatch.chdir(tmp_path)  # where DuckDB would put relative files (its .tmp spill directory)
+    code, out, err = _run(["--store", known["store"].uri, "--sql", statement.format(tmp=tmp_path)], capsys)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: SQL: ") and reason in err
+    assert [p.name for p in tmp_path.iterdir()] == ["secret.csv"]  # nothing written, here or anywhere named
+
+
+def test_sql_sees_no_python_variables_and_cannot_spill(known: dict) -> None:
+    secret = pd.DataFrame({"password": ["hunter2"]})
+    assert duckdb.connect().sql("SELECT * FROM secret").fetchall() == [("hunter2",)]  # what DuckDB does by default
+    connection = sql_engine.connect(known["store"])
+    try:
+        with pytest.raises(duckdb.CatalogException, match="secret does not exist"):
+            connection.sql("SELECT * FROM secret")
+    finally:
+        connection.close()
+    settings = query.sql(known["store"], "SELECT current_setting('temp_directory') AS spill, "
+                                         "current_setting('enable_external_access') AS external")
+    assert settings.to_dict("records") == [{"spill": "", "external": False}]
+    with pytest.raises(UserError, match="^SQL: Catalog Error: Table with name nope does not exist! Did you mean"):
+        query.sql(known["store"], "SELECT * FROM nope")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -166,7 +293,7 @@ def test_sql_over_all_tables(known: dict, capsys: pytest.CaptureFixture) -> None
     (["models", "--where", "seed~1"], "expected COLUMN=VALUE"),
     (["pivot"], "pivot needs --setting"),
     (["pivot", "--setting", "cw40"], "no black cells for cw40"),
-    (["--sql", "SELECT nope FROM models"], "SQL: no such column"),
+    (["--sql", "SELECT nope FROM models"], 'SQL: Binder Error: Referenced column "nope" not found'),
     (["models", "--format", "parquet"], "binary"),
 ])
 def test_bad_queries_exit_2_naming_the_problem(known: dict, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,

@@ -10,7 +10,7 @@ import torch
 from rm_sweep.attacks import SETTINGS
 from rm_sweep.errors import UserError
 from rm_sweep.protocols import PROTOCOLS
-from rm_sweep.spaces import load_space, parse_space
+from rm_sweep.spaces import load_space, packaged_spaces, parse_space
 from rm_sweep.store import Store
 from scaffold import ROOT, probe_command, write_space
 
@@ -39,6 +39,31 @@ def test_every_shipped_space_validates(path):
     for cell in s.cells:
         assert cell.target_id in ids and (cell.source_id is None or cell.source_id in ids)
         assert cell.attack in SETTINGS or cell.attack == cell.protocol
+
+
+def test_spaces_ship_in_the_package_and_the_checkout_links_them():
+    assert (ROOT / "search_spaces").is_symlink()
+    assert (ROOT / "search_spaces").resolve() == (ROOT / "rm_sweep" / "search_spaces").resolve()
+    assert packaged_spaces() == sorted(p.stem for p in SPACES)
+
+
+def test_a_bare_name_loads_the_packaged_space_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    packaged = load_space("quick", data="folder:/anywhere/cifar10-jpeg")
+    assert packaged.path == str(ROOT / "rm_sweep" / "search_spaces" / "quick.yaml")
+    by_path = load_space(ROOT / "search_spaces" / "quick.yaml", data="folder:/anywhere/cifar10-jpeg")
+    assert [m.model_id for m in packaged.models()] == [m.model_id for m in by_path.models()]
+    write_space(tmp_path / "quick", space(name="mine"))  # a file of that name, here, comes first
+    assert load_space("quick").name == "mine"
+
+
+@pytest.mark.parametrize("name", ["nope", "nope.yaml", "spaces/quick"])
+def test_a_missing_space_lists_the_packaged_ones(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as info:
+        load_space(name)
+    assert str(info.value) == (f"{name}: cannot read the search space (No such file or directory); "
+                               "packaged spaces: fig14, fig14_gpu, graybox, mnist, query_attacks, quick, table2, table4")
 
 
 def test_fig14_is_the_papers_figure():

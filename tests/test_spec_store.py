@@ -207,6 +207,27 @@ def test_models_land_once_with_loadable_checkpoints(store_uri):
     assert store.model_ids() == {s.model_id for s, _ in added}
 
 
+def test_load_checkpoint_takes_what_the_checkpoint_column_holds(store_uri, request, monkeypatch):
+    """``load_checkpoint`` reads the URI a ``models`` row records, an ``s3://`` one included. That
+    URI names no endpoint: an S3-compatible server's comes from ``AWS_ENDPOINT_URL``, as for
+    any AWS client; the store's own location (endpoint in its query) works as it is."""
+    from rm_sweep.models import load_checkpoint
+
+    store = Store(store_uri)
+    (s, model), = add_models(store, 1)
+    uri = store.models().checkpoint[0]
+    x = torch.rand(2, 3, 32, 32)
+    expected = model.eval()(x)
+    if store_uri.startswith("s3://"):
+        assert uri.startswith("s3://") and "?" not in uri
+        located = store.location("checkpoints", f"{s.model_id}.pt")
+        assert torch.equal(load_checkpoint(located).eval()(x), expected)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{request.getfixturevalue('s3_server').endpoint}")
+    assert torch.equal(load_checkpoint(uri).eval()(x), expected)
+    with pytest.raises(UserError, match=r"checkpoint .*0000000000000000\.pt does not exist"):
+        load_checkpoint(uri.replace(s.model_id, "0" * 16))
+
+
 def test_tables_are_plain_parquet_directories(tmp_path):
     store = Store(tmp_path / "store")
     (s, _), = add_models(store, 1)

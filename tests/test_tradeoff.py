@@ -19,8 +19,9 @@ from rm_sweep import tradeoff
 from rm_sweep.figures import draw_fig14, fig14_rows, fig14_summary, is_paper_setting
 from rm_sweep.pipeline import matrix_images
 from rm_sweep.paper_results import fig14_points, read_table, tables8_12
-from rm_sweep.spaces import SearchSpace
+from rm_sweep.spaces import SearchSpace, load_space
 from rm_sweep.store import Store
+from scaffold import run_command
 from tinystore import build, reference_counts, space_file, write_tinted_folder
 
 MODELS = [
@@ -90,6 +91,33 @@ def test_command_writes_png_and_svg_from_the_store_without_ray(
     summary = fig14_summary(fig14_rows(store, space))
     pgd = summary[(summary["metric"] == "madry_pgd") & (summary["shallow_ratio"] == 0.9)].iloc[0]
     assert f"{pgd['mean']:.2f} ± {pgd['std']:.2f}" in text  # the table prints the plotted numbers
+
+
+def test_dry_run_of_a_full_store_has_nothing_to_do(filled: tuple[SearchSpace, Store, Path], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    space, store, _ = filled
+    out = tmp_path / "fig.png"
+    assert tradeoff.main(["--space", space.path, "--store", store.uri, "--out", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    models, cells = len(space.models()), len(space.cells)
+    assert text.startswith(f"{space.name}: {models} of {models} models and {cells} of {cells} matrix cells in "
+                           f"{store.uri}; a run would train 0 model(s) and compute 0 cell(s)")
+    assert text.count(" stored") == models + cells and " missing" not in text
+    assert not out.exists()
+
+
+def test_dry_run_of_the_default_space_from_elsewhere_starts_nothing(tmp_path: Path) -> None:
+    """The default space is the packaged quick: found from any directory; nothing is written."""
+    data = "folder:/anywhere/cifar10-jpeg"
+    done = run_command("rm_sweep.tradeoff", "--dry-run", "--data", data, "--store", str(tmp_path / "store"),
+                       cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    quick = load_space("quick", data=data)
+    models, cells = len(quick.models()), len(quick.cells)
+    assert done.stdout.startswith(f"quick: 0 of {models} models and 0 of {cells} matrix cells")
+    assert done.stdout.count(" missing") == models + cells and all(s.model_id in done.stdout for s in quick.models())
+    assert done.stdout.rstrip().endswith("ray not imported")
+    assert list(tmp_path.iterdir()) == []  # no store, no figure
 
 
 @pytest.mark.parametrize("flag, overlaid", [("auto", False), ("on", True), ("off", False)])

@@ -32,8 +32,18 @@ def save_checkpoint(model: Classifier, path: str | os.PathLike, extra: dict[str,
 
 
 def read_checkpoint(source: str | os.PathLike | IO[bytes]) -> dict[str, Any]:
-    """The raw checkpoint dict, checked to be an rm_sweep checkpoint; loads tensors only."""
+    """The raw checkpoint dict, checked to be an rm_sweep checkpoint; loads tensors only.
+
+    ``source``: a local path, a URI ``pyarrow.fs`` resolves (``s3://bucket/.../<model_id>.pt``,
+    what a store's ``checkpoint`` column holds), or an open binary file.
+    """
     name = getattr(source, "name", source)
+    if isinstance(source, str):
+        # Imported here: the value layer (spec) imports this package and must not load pyarrow.
+        from rm_sweep import uris
+
+        if uris.is_uri(source):
+            source = io.BytesIO(uris.read_bytes(source, what="checkpoint"))
     if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
         raise UserError(f"checkpoint {name} does not exist")
     try:
@@ -46,7 +56,10 @@ def read_checkpoint(source: str | os.PathLike | IO[bytes]) -> dict[str, Any]:
 
 
 def load_checkpoint(source: str | os.PathLike | IO[bytes]) -> Classifier:
-    """Rebuild the model from the checkpoint's config alone and load its weights and masks."""
+    """Rebuild the model from the checkpoint's config alone and load its weights and masks.
+
+    ``source``: as ``read_checkpoint`` takes it (a path, an ``s3://`` URI, an open file).
+    """
     ckpt = read_checkpoint(source)
     model = build(ModelConfig.from_dict(ckpt["config"]))
     try:

@@ -100,7 +100,8 @@ def trials_that_fit(total: Mapping[str, float], resources: Resources) -> int | N
 
 
 def run_trials(specs: Sequence[ModelSpec], store: Store, setup: TrialSetup, *, name: str,
-               max_concurrent: int | None = None, verbose: int = 1, mlflow: str | None = None) -> SweepResult:
+               max_concurrent: int | None = None, fixed_size: bool = False, verbose: int = 1,
+               mlflow: str | None = None) -> SweepResult:
     """Train ``specs`` on the connected Ray cluster, one Tune trial each, into ``store``.
 
     Args:
@@ -109,6 +110,9 @@ def run_trials(specs: Sequence[ModelSpec], store: Store, setup: TrialSetup, *, n
         name: the Tune experiment's name (``sweep-<space>``).
         max_concurrent: trials at once (default: the space's, else what the cluster's CPUs and
             GPUs hold now, else unlimited so an autoscaler sees the whole demand).
+        fixed_size: the cluster cannot grow (a private local instance): at most what it holds run
+            at once, whatever ``max_concurrent`` says, since trials beyond that would each take
+            their Tune share of a CPU and then none could start its worker.
         verbose: 0 silent, 1 one progress bar, 2 Tune's table and everything Ray prints.
         mlflow: an MLflow tracking URI: each trial's spec and per-epoch metrics are logged there
             (the optional extra ``rm_sweep[mlflow]``); the store stays the source of truth.
@@ -116,8 +120,10 @@ def run_trials(specs: Sequence[ModelSpec], store: Store, setup: TrialSetup, *, n
         ``trained``, ``failed``, ``unfinished``, ``epochs_reported`` and ``timings`` of ``specs``.
     """
     resources = setup.resources
-    concurrency = (max_concurrent or resources.max_concurrent_trials
-                   or trials_that_fit(ray.cluster_resources(), resources))
+    fits = trials_that_fit(ray.cluster_resources(), resources)
+    concurrency = max_concurrent or resources.max_concurrent_trials or fits
+    if fixed_size:
+        concurrency = min(concurrency or 1, fits or 1)
     collector = _Collector(specs, progress=verbose == 1)
     callbacks: list[ray.tune.Callback] = [collector, *_mlflow_callbacks(mlflow, name)]
     tune_dir = tempfile.mkdtemp(prefix="rm_sweep-tune-")  # driver-local: never shared, never restored

@@ -1,0 +1,101 @@
+"""One command for all (``rm-sweep COMMAND``, ``python -m rm_sweep COMMAND``) and what commands share:
+the Ray address a command joins. Nothing here starts Ray."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+import rm_sweep.__main__ as entry
+from rm_sweep import cli, matrix, pipeline, sweep, tradeoff
+from rm_sweep.errors import cli_main
+from rm_sweep.orchestration.values import SweepResult
+from scaffold import run_command, write_space
+
+HEAD = "10.0.0.1:6379"  # what ray job submit puts in a job driver's RAY_ADDRESS: the head's GCS
+
+
+def test_python_m_rm_sweep_help_lists_every_command_in_one_line_each() -> None:
+    done = run_command("rm_sweep", "--help", timeout=120)
+    assert done.returncode == 0, done.stderr
+    for name, (_, line) in entry.COMMANDS.items():
+        assert f"  {name}  " in done.stdout and line in done.stdout
+    assert "report" in done.stdout and done.stdout.rstrip().endswith("ray not imported")
+
+
+def test_console_script_entry_prints_the_same_help(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(sys, "argv", ["rm-sweep", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        entry.run()
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and out.startswith("usage: rm-sweep")
+    assert all(name in out for name in ("train", "sweep", "matrix", "tradeoff", "query", "report"))
+
+
+def test_a_command_runs_its_module_with_the_remaining_arguments(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    assert entry.main(["query", "--store", str(tmp_path), "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "table,rows,columns"  # query's listing, as CSV
+    with pytest.raises(SystemExit) as exit_info:
+        entry.main(["sweep", "--help"])  # the command's own help, not rm-sweep's
+    assert exit_info.value.code == 0 and "--gpus-per-trial" in capsys.readouterr().out
+
+
+def test_python_m_form_routes_and_imports_no_ray(tmp_path: Path) -> None:
+    done = run_command("rm_sweep", "query", "--store", str(tmp_path / "nowhere"), timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == f"error: no store at {tmp_path / 'nowhere'} " \
+                                                           "(run python -m rm_sweep.tradeoff or rm_sweep.sweep first)"
+    assert done.stdout.strip() == "ray not imported"
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "name a command: train, sweep, matrix, tradeoff, query, report"),
+    (["quer"], "unknown command 'quer'; did you mean query?"),
+])
+def test_a_missing_or_unknown_command_is_one_line(capsys: pytest.CaptureFixture, argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(entry.main, argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err
+
+
+@pytest.mark.parametrize("env, argv, expected", [
+    (None, [], None),                              # a private local instance
+    ("", [], None),                                # set but empty: as unset (ray.init reads it so too)
+    (HEAD, [], HEAD),                              # inside a job from ray job submit
+    (HEAD, ["--address", "auto"], "auto"),         # the flag wins
+    ("local", [], None),                           # Ray's word for "start one here"
+    (None, ["--address", "local"], None),
+    (None, ["--address", "ray://head:10001"], "ray://head:10001"),
+])
+def test_address_defaults_to_ray_address(monkeypatch: pytest.MonkeyPatch, env: str | None, argv: list[str],
+                                         expected: str | None) -> None:
+    if env is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    parser = cli.parser("test", "")
+    cli.add_cluster(parser)
+    assert parser.parse_args(argv).address == expected
+    assert "$RAY_ADDRESS" in parser.format_help()
+
+
+def test_every_pipeline_command_joins_ray_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_ADDRESS", HEAD)
+    space = write_space(tmp_path / "one.yaml", {"name": "one", "data": f"folder:{tmp_path}", "models": [
+        {"name": "normal", "arch": "resnet18", "width": 0.125}]})
+    for command in (sweep, matrix, tradeoff):
+        argv = ["--space", str(space)] if command is tradeoff else [str(space)]
+        assert command._parse_args(argv).address == HEAD
+    calls = []
+
+    def fake_train(space, store, **kwargs):
+        calls.append(kwargs["address"])
+        return SweepResult()
+
+    monkeypatch.setattr(pipeline, "train", fake_train)
+    sweep.main([str(space), "--store", str(tmp_path / "store"), "--quiet"])
+    assert calls == [HEAD]
+
