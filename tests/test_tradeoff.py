@@ -7,7 +7,6 @@ matrix, figure, then a rerun from the store) is the slow test at the end.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -18,11 +17,10 @@ import pytest
 from rm_sweep import tradeoff
 from rm_sweep.errors import UserError
 from rm_sweep.figures import draw_fig14, fig14_rows, fig14_summary, is_paper_setting
-from rm_sweep.pipeline import matrix_images
 from rm_sweep.paper_results import fig14_points, read_table, tables8_12
 from rm_sweep.spaces import SearchSpace
 from rm_sweep.store import Store
-from tinystore import build, reference_counts, space_file, write_tinted_folder
+from tinystore import build_filled, space_file, write_tinted_folder
 
 MODELS = [
     {"name": "source", "seed": 0},
@@ -39,10 +37,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def filled(tmp_path_factory: pytest.TempPathFactory) -> tuple[SearchSpace, Store, Path]:
     """A store holding every model and matrix cell of a tiny Fig. 14 space."""
     root = tmp_path_factory.mktemp("tradeoff")
-    space, store = build(root, root / "data", MODELS, MATRIX)
-    images, labels = matrix_images(space, root / "data")
-    counts = reference_counts(space, store, list(space.cells), images, labels)
-    store.add_matrix({**dataclasses.asdict(c), **counts[c.key()].as_dict()} for c in space.cells)
+    space, store = build_filled(root, root / "data", MODELS, MATRIX)
     return space, store, root
 
 
