@@ -82,8 +82,9 @@ def add_cluster(p: argparse.ArgumentParser) -> None:
                         "machine's CPUs, on the loopback interface")
 
 
-def add_data(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default=None, help="override the space's data set: cifar10, mnist or folder:PATH")
+def add_data(p: argparse.ArgumentParser, data_help: str = "override the space's data set") -> None:
+    """``--data`` (its help: ``data_help``, then the forms a spec takes) and ``--data-dir``."""
+    p.add_argument("--data", default=None, help=f"{data_help}: cifar10, mnist or folder:PATH")
     p.add_argument("--data-dir", default=None,
                    help="where data sets are downloaded and decoded caches kept "
                         "(default: $RM_SWEEP_DATA_DIR or ~/.cache/rm_sweep)")

@@ -3,13 +3,17 @@
 The paper's Fig. 14 shows, for ResNet-18 with Random Mask on the shallow blocks, how black-box
 defense (FGSM and PGD in Madry et al.'s setting, from a normally trained ResNet-18) rises with
 the drop ratio while clean accuracy falls. Here the points come from the store's rows only:
-``fig14_rows`` selects them, ``fig14_summary`` takes mean and standard deviation over seeds, and
-``draw_fig14`` draws them (and the paper's points, when asked) and returns what it drew.
+``is_fig14_cell`` is the one rule for which cells those are, applied to a search space's cells
+(``fig14_cells``) or, without a space, to every stored cell; ``fig14_rows`` reads them,
+``fig14_summary`` takes mean and standard deviation over seeds, ``fig14_table`` prints that, and
+``draw_fig14`` draws them (and the paper's points, when asked) as PNG, SVG and PDF and returns
+what it drew.
 """
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +23,7 @@ from matplotlib.figure import Figure
 from rm_sweep.errors import UserError
 from rm_sweep.paper_results import FIG14_METRICS as METRICS
 from rm_sweep.spaces import SearchSpace
-from rm_sweep.spec import MATRIX_KEY, MatrixCell
+from rm_sweep.spec import MATRIX_KEY, MatrixCell, ModelSpec
 from rm_sweep.store import Store
 
 SETTINGS = tuple(m for m in METRICS if m != "clean_accuracy")  # the attack settings drawn
@@ -28,35 +32,70 @@ LABELS = {"clean_accuracy": "clean accuracy", "madry_fgsm": "FGSM defense (Madry
 COLORS = {"clean_accuracy": "tab:green", "madry_fgsm": "tab:blue", "madry_pgd": "tab:red"}
 
 
+def is_fig14_model(model: Mapping[str, Any] | None) -> bool:
+    """Whether a model (a ``models`` row, or any mapping with its ``architecture``,
+    ``deep_ratio``, ``variant`` and ``channel_multiplier``) can be in Fig. 14: a single ResNet-18
+    whose only mask, if any, is a random one on the shallow blocks (deep masks, other variants and
+    channel multipliers are other figures'). None (an ensemble, or no model) cannot."""
+    return model is not None and model["architecture"] == "resnet18" and model["deep_ratio"] == 0 \
+        and model["variant"] == "random" and model["channel_multiplier"] == 1
+
+
+def is_fig14_cell(protocol: str, attack: str, target_kind: str, source: Mapping[str, Any] | None,
+                  target: Mapping[str, Any] | None) -> bool:
+    """The one rule for what Fig. 14 draws: black-box ``madry_fgsm`` / ``madry_pgd`` from a normal
+    ResNet-18 onto a single ResNet-18 with at most a random shallow mask. ``source`` and
+    ``target`` are models as ``is_fig14_model`` reads them (None where the id names no model)."""
+    return protocol == "black" and attack in SETTINGS and target_kind == "model" and is_fig14_model(source) \
+        and source["shallow_ratio"] == 0 and is_fig14_model(target)
+
+
+def _model_fields(spec: ModelSpec) -> dict[str, Any]:
+    """A spec as the ``models`` columns ``is_fig14_model`` reads."""
+    mask = spec.mask
+    return {"architecture": spec.arch, "shallow_ratio": mask.shallow_ratio, "deep_ratio": mask.deep_ratio,
+            "variant": mask.variant, "channel_multiplier": mask.channel_multiplier}
+
+
 def fig14_cells(space: SearchSpace) -> list[MatrixCell]:
-    """The space's cells that Fig. 14 draws: black-box ``madry_fgsm`` / ``madry_pgd`` from a
-    normal ResNet-18 onto single ResNet-18s whose only mask is a random one on the shallow blocks
-    (deep masks, other variants, channel multipliers and ensembles are other figures')."""
-    specs = {m.model_id: m for m in space.models()}
-
-    def resnet(model_id: str) -> bool:
-        spec = specs[model_id]
-        return spec.arch == "resnet18" and spec.mask.deep_ratio == 0 and spec.mask.channel_multiplier == 1 \
-            and spec.mask.variant == "random"
-
-    return [c for c in space.cells if c.protocol == "black" and c.attack in SETTINGS and c.target_kind == "model"
-            and resnet(c.source_id) and specs[c.source_id].mask.shallow_ratio == 0 and resnet(c.target_id)]
+    """The space's cells that Fig. 14 draws (``is_fig14_cell``)."""
+    models = {m.model_id: _model_fields(m) for m in space.models()}
+    return [c for c in space.cells
+            if is_fig14_cell(c.protocol, c.attack, c.target_kind, models.get(c.source_id), models.get(c.target_id))]
 
 
-def fig14_rows(store: Store, space: SearchSpace) -> pd.DataFrame:
-    """One row per (source, target) pair of ``fig14_cells`` that the store holds, with the
-    target's clean accuracy and both defense rates, in percent.
+def fig14_rows(store: Store, space: SearchSpace | None = None, *, allow_empty: bool = False) -> pd.DataFrame:
+    """One row per (source, target) pair of Fig. 14 that the store holds, with the target's
+    clean accuracy and both defense rates, in percent.
 
-    Columns: ``source_id``, ``target_id``, ``shallow_ratio``, ``seed``, ``mask_seed``, ``width``,
-    ``clean_accuracy``, ``madry_fgsm``, ``madry_pgd`` (a rate is NaN if its cell is missing).
+    Args:
+        store: where the cells and models are read.
+        space: take the space's ``fig14_cells``; None: every stored cell that ``is_fig14_cell``
+            admits (a store read without its search space, as the report does).
+        allow_empty: return an empty frame instead of raising ``UserError`` when there are none.
+
+    Returns:
+        Columns ``source_id``, ``target_id``, ``shallow_ratio``, ``seed``, ``mask_seed``,
+        ``width``, ``clean_accuracy``, ``madry_fgsm``, ``madry_pgd`` (a rate is NaN if its cell
+        is missing).
     """
-    keys = {c.key() for c in fig14_cells(space)}
     matrix = store.matrix()
-    in_figure = [tuple(k) in keys for k in matrix[list(MATRIX_KEY)].itertuples(index=False)]
-    matrix = matrix[pd.Series(in_figure, index=matrix.index, dtype=bool)]
-    if not len(matrix):
-        raise UserError(f"store {store.uri} holds no Fig. 14 cells of space {space.name}")
     models = store.models().set_index("model_id")
+    if space is not None:
+        keys = {c.key() for c in fig14_cells(space)}
+        in_figure = [tuple(k) in keys for k in matrix[list(MATRIX_KEY)].itertuples(index=False)]
+    else:
+        by_id = models.to_dict("index")
+        in_figure = [is_fig14_cell(r.protocol, r.attack, r.target_kind, by_id.get(r.source_id), by_id.get(r.target_id))
+                     for r in matrix.itertuples(index=False)]
+    matrix = matrix[pd.Series(in_figure, index=matrix.index, dtype=bool)]
+    columns = ["source_id", "target_id", "shallow_ratio", "seed", "mask_seed", "width", *METRICS]
+    if not len(matrix):
+        if allow_empty:
+            return pd.DataFrame(columns=columns)
+        where = f"of space {space.name}" if space is not None else "(black-box madry_fgsm / madry_pgd from a normal " \
+                                                                   "ResNet-18 onto shallow-masked ResNet-18s)"
+        raise UserError(f"store {store.uri} holds no Fig. 14 cells {where}")
     rates = matrix.pivot_table(index=["source_id", "target_id"], columns="attack", values="defense_rate",
                                aggfunc="first").reindex(columns=list(SETTINGS)) * 100
     rates = rates.reset_index()
@@ -65,7 +104,6 @@ def fig14_rows(store: Store, space: SearchSpace) -> pd.DataFrame:
     rows = rates.assign(shallow_ratio=target["shallow_ratio"].to_numpy(), seed=target["seed"].to_numpy(),
                         mask_seed=target["mask_seed"].to_numpy(), width=target["width"].to_numpy(),
                         clean_accuracy=target["clean_accuracy"].to_numpy() * 100)
-    columns = ["source_id", "target_id", "shallow_ratio", "seed", "mask_seed", "width", *METRICS]
     return rows[columns].sort_values(["shallow_ratio", "target_id", "source_id"], ignore_index=True)
 
 
@@ -97,17 +135,37 @@ def is_paper_setting(store: Store, rows: pd.DataFrame) -> bool:
                  & config.map(lambda c: not c.get("recipe_overrides"))).all())
 
 
+def fig14_table(summary: pd.DataFrame, paper: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per shallow ratio of ``fig14_summary``'s frame: models, then ``mean ± std``
+    (percent) per metric, then the paper's values (``fig14_points()``) when given."""
+    wide = summary.pivot(index="shallow_ratio", columns="metric", values=["mean", "std", "n"])
+    out = pd.DataFrame(index=wide.index)
+    out["models"] = wide[("n", "clean_accuracy")].astype(int)
+    names = {"clean_accuracy": "clean acc %", "madry_fgsm": "FGSM defense %", "madry_pgd": "PGD defense %"}
+    for metric, name in names.items():
+        if ("mean", metric) in wide:
+            out[name] = [f"{m:.2f} ± {s:.2f}" if pd.notna(m) else "" for m, s in
+                         zip(wide[("mean", metric)], wide[("std", metric)])]
+    if paper is not None:
+        for metric, name in names.items():
+            values = paper[paper["metric"] == metric].set_index("shallow_ratio")["value"]
+            out[f"paper {name.split(' %')[0]}"] = [f"{values[r]:.2f}" if r in values.index else ""
+                                                    for r in out.index]
+    out.index.name = "shallow ratio"
+    return out
+
+
 def check_png_path(out: str | Path) -> Path:
     """``out`` as a Path; a ``UserError`` unless it names a ``.png`` file."""
     out = Path(out)
     if out.suffix.lower() != ".png":
-        raise UserError(f"the figure must be a .png file (an .svg is written beside it), got {out}")
+        raise UserError(f"the figure must be a .png file (.svg and .pdf copies are written beside it), got {out}")
     return out
 
 
 def draw_fig14(summary: pd.DataFrame, out: str | Path, *, paper: pd.DataFrame | None = None,
                title: str = "") -> pd.DataFrame:
-    """Draw Fig. 14 as ``out`` (PNG) and the same name with ``.svg``.
+    """Draw Fig. 14 as ``out`` (PNG) and the same name with ``.svg`` and ``.pdf``.
 
     Args:
         summary: ``fig14_summary``'s frame (percentages).
@@ -150,6 +208,7 @@ def draw_fig14(summary: pd.DataFrame, out: str | Path, *, paper: pd.DataFrame | 
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=150)
     figure.savefig(out.with_suffix(".svg"))
+    figure.savefig(out.with_suffix(".pdf"))
     return drawn
 
 
@@ -170,4 +229,5 @@ def _drawn_points(panels: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(points, columns=["panel", "series", "x", "y", "yerr"])
 
 
-__all__ = ["METRICS", "SETTINGS", "check_png_path", "draw_fig14", "fig14_cells", "fig14_rows", "fig14_summary", "is_paper_setting"]
+__all__ = ["METRICS", "SETTINGS", "check_png_path", "draw_fig14", "fig14_cells", "fig14_rows", "fig14_summary",
+           "fig14_table", "is_fig14_cell", "is_fig14_model", "is_paper_setting"]

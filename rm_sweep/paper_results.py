@@ -13,6 +13,20 @@ The CSV files under ``rm_sweep/paper/`` are the paper's result tables as numbers
   Mask" row; 0.85 is inferred: that row's FGSM (86.31) equals the 0.85-Shallow row of Tables
   8-12 (``fgsm_1``, the same setting), though its clean accuracy (90.08) differs slightly from
   that row's (90.15).
+- ``table6_whitebox.csv`` (App. F.3, Table 6): white-box defense of ResNet-18 normal, 0.5- and
+  0.7-Shallow. The paper's text lost the column headers; the columns are our reading
+  (``fgsm1``, ``fgsm2``, ``fgsm4``, ``pgd1``, ``pgd2``, ``pgd4``: ``rm_sweep.attacks.settings``
+  and ``docs/fidelity.md`` say why).
+- ``table7_graybox.csv`` (App. F.4, Table 7): PGD (``pgd16``) defense, one column per source
+  (normal, 0.5- and 0.7-Shallow ResNet-18), one row per target. ``relation`` says how a target
+  relates to its source: ``other_init`` (same structure and mask, trained separately),
+  ``other_mask`` (same drop ratio, another mask, trained separately) or ``transfer`` (another
+  architecture, black-box). The text prints each masked target twice without saying which line
+  is which kind of gray-box attack; we read them in the order the text introduces the two kinds
+  (another initialisation first). The normal target has no mask: ``other_init``.
+
+Models are named as the paper names them (``rm_sweep.spec.paper_label``); ``parse_label`` reads
+such a name back.
 
 Fig. 14 of the paper has no table of its own. Its points are assembled from these: clean
 accuracy and Madry-FGSM defense per shallow ratio from Tables 8-12 (ResNet-18 source), and
@@ -26,9 +40,11 @@ from importlib import resources
 import pandas as pd
 
 from rm_sweep.attacks import PAPER_TABLE_COLUMNS
+from rm_sweep.spec import ARCH_NAMES
 
 FIG14_METRICS = ("clean_accuracy", "madry_fgsm", "madry_pgd")
-_TARGET = re.compile(r"^(?:(?P<shallow>[0-9.]+)-Shallow)?(?:, )?(?:(?P<deep>[0-9.]+)-Deep)?$")
+_RATIOS = re.compile(r"^(?:(?P<shallow>[0-9.]+)-Shallow)?(?:, )?(?:(?P<deep>[0-9.]+)-Deep)?$")
+_ARCHS = {name: arch for arch, name in ARCH_NAMES.items()}
 
 
 def read_table(name: str) -> pd.DataFrame:
@@ -42,20 +58,29 @@ def tables8_12() -> pd.DataFrame:
     ``shallow_ratio``, ``deep_ratio``, one column per attack setting name (``madry_fgsm``,
     ``fgsm16``, ..., ``cw``) and ``clean_acc``; percentages."""
     table = read_table("tables8_12_resnet18_targets_blackbox").rename(columns=PAPER_TABLE_COLUMNS)
-    ratios = table["target"].map(_target_ratios)
-    table.insert(2, "shallow_ratio", [r[0] for r in ratios])
-    table.insert(3, "deep_ratio", [r[1] for r in ratios])
+    parsed = table["target"].map(parse_label)
+    table.insert(2, "shallow_ratio", [p[1] for p in parsed])
+    table.insert(3, "deep_ratio", [p[2] for p in parsed])
     return table
 
 
-def _target_ratios(target: str) -> tuple[float, float]:
-    """("0.7-Shallow, 0.3-Deep" -> (0.7, 0.3)); "Normal ResNet-18" -> (0, 0)."""
-    if target.startswith("Normal"):
-        return 0.0, 0.0
-    match = _TARGET.match(target)
-    if match is None:
-        raise ValueError(f"unrecognised target {target!r} in the paper's Tables 8-12")
-    return float(match["shallow"] or 0.0), float(match["deep"] or 0.0)
+def parse_label(label: str, arch: str = "resnet18") -> tuple[str, float, float]:
+    """A paper's model name -> (architecture, shallow ratio, deep ratio): ``"Normal ResNet-50"``
+    -> ``("resnet50", 0, 0)``, ``"ResNet-18 0.7-Shallow"`` -> ``("resnet18", 0.7, 0)``; a name
+    without an architecture (``"0.5-Shallow, 0.5-Deep"``, as Tables 8-12 print) takes ``arch``."""
+    text = label.strip()
+    if text.startswith("Normal "):
+        name = text.removeprefix("Normal ")
+        if name not in _ARCHS:
+            raise ValueError(f"unrecognised architecture in {label!r}")
+        return _ARCHS[name], 0.0, 0.0
+    for name, key in _ARCHS.items():
+        if text.startswith(name + " "):
+            arch, text = key, text.removeprefix(name + " ")
+    match = _RATIOS.match(text)
+    if match is None or not (match["shallow"] or match["deep"]):
+        raise ValueError(f"unrecognised model name {label!r} in the paper's tables")
+    return arch, float(match["shallow"] or 0.0), float(match["deep"] or 0.0)
 
 
 def fig14_points() -> pd.DataFrame:
@@ -80,4 +105,4 @@ def fig14_points() -> pd.DataFrame:
     return pd.DataFrame(points).sort_values(["metric", "shallow_ratio"], ignore_index=True)
 
 
-__all__ = ["FIG14_METRICS", "fig14_points", "read_table", "tables8_12"]
+__all__ = ["FIG14_METRICS", "fig14_points", "parse_label", "read_table", "tables8_12"]

@@ -40,6 +40,7 @@ from rm_sweep.store import Store
 from rm_sweep.tables import TABLES
 
 FORMATS = ("table", "csv", "markdown", "latex", "parquet")
+_COUNTS = ("n_crafted", "n_fooled_source", "n_evaluated", "n_defended")
 _CONDITION = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|!=|==|=|<|>)\s*(.*?)\s*$")
 
 
@@ -135,7 +136,7 @@ def model_label(row: pd.Series | dict, *, ensemble: bool = False) -> str:
                        row["channel_multiplier"], ensemble=ensemble)
 
 
-def _labels(store: Store) -> dict[str, str]:
+def labels(store: Store) -> dict[str, str]:
     """Model and ensemble id -> paper label; labels that several ids share get the width, seed
     or mask seed that tells them apart, and the id's first digits if still shared."""
     base: dict[str, str] = {}
@@ -150,14 +151,14 @@ def _labels(store: Store) -> dict[str, str]:
     groups = defaultdict(list)
     for i, label in base.items():
         groups[label].append(i)
-    labels = {}
+    named = {}
     for label, ids in groups.items():
         differing = [k for k in ("width", "seed", "mask") if len({qualifiers[i].get(k) for i in ids}) > 1]
         for i in ids:
             extra = ", ".join(qualifiers[i][k] for k in differing if k in qualifiers[i])
-            labels[i] = f"{label} ({extra})" if extra else label
-    counts = Counter(labels.values())
-    return {i: f"{label} [{i[:6]}]" if counts[label] > 1 else label for i, label in labels.items()}
+            named[i] = f"{label} ({extra})" if extra else label
+    counts = Counter(named.values())
+    return {i: f"{label} [{i[:6]}]" if counts[label] > 1 else label for i, label in named.items()}
 
 
 def _order(store: Store) -> dict[str, tuple]:
@@ -172,7 +173,7 @@ def _order(store: Store) -> dict[str, tuple]:
 
 
 def pivot(store: Store | str, setting: str, *, protocol: str = "black", value: str = "defense_rate",
-          where: Sequence[str] = (), ids: bool = False) -> pd.DataFrame:
+          where: Sequence[str] = (), ids: bool = False, pool: bool = False) -> pd.DataFrame:
     """The matrix for one attack setting in the paper's layout: one row per target, one column
     per source, values in percent (``defense_rate``) or counts, plus the target's clean accuracy
     in percent (``Acc``; blank for ensembles) as the paper's last column.
@@ -183,6 +184,8 @@ def pivot(store: Store | str, setting: str, *, protocol: str = "black", value: s
         value: ``defense_rate`` (shown in %) or a count column (``n_defended``, ``n_evaluated``, ...).
         where: further conditions on matrix columns (e.g. ``limit=1000``).
         ids: label rows and columns by id instead of the paper's names.
+        pool: several cells for one (target, column), e.g. different limits, are pooled (their
+            counts summed, the rate recomputed) instead of being an error.
     """
     store = _store(store)
     matrix = filter_frame(store.matrix(), [f"attack={setting}", f"protocol={protocol}", *where])
@@ -192,7 +195,12 @@ def pivot(store: Store | str, setting: str, *, protocol: str = "black", value: s
         raise UserError(f"the store has no {protocol} cells for {setting}{' with ' + ' '.join(where) if where else ''}")
     columns = "source_id" if PROTOCOLS[protocol].crafts else "attack_params"
     duplicated = matrix.duplicated(["target_id", columns], keep=False)
-    if duplicated.any():
+    if duplicated.any() and pool:
+        if value not in (*_COUNTS, "defense_rate"):
+            raise UserError(f"cannot pool {value!r} over several cells; use defense_rate or a count column")
+        pooled = matrix.groupby(["target_id", columns], as_index=False)[list(_COUNTS)].sum(min_count=1)
+        matrix = pooled.assign(defense_rate=pooled["n_defended"] / pooled["n_evaluated"])
+    elif duplicated.any():
         example = matrix[duplicated].iloc[0]
         raise UserError(f"several {setting} cells for target {example['target_id']} and {columns} "
                         f"{example[columns]} (different limits or parameters); narrow with --where limit=N")
@@ -206,12 +214,12 @@ def pivot(store: Store | str, setting: str, *, protocol: str = "black", value: s
     cols = sorted((c for c in grid.columns if c != "Acc"), key=lambda c: order.get(c, ("~", c)))
     grid = grid.loc[rows, [*cols, "Acc"]]
     if not ids:
-        labels = _labels(store)
+        names = labels(store)
         if columns == "attack_params":
             grid.columns = [_params_label(c) if c != "Acc" else c for c in grid.columns]
         else:
-            grid.columns = [f"from {labels.get(c, c)}" if c != "Acc" else c for c in grid.columns]
-        grid.index = [labels.get(i, i) for i in grid.index]
+            grid.columns = [f"from {names.get(c, c)}" if c != "Acc" else c for c in grid.columns]
+        grid.index = [names.get(i, i) for i in grid.index]
     grid.index.name = "target"
     grid.columns.name = None
     return grid.round(2)
@@ -367,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["filter_frame", "model_label", "pivot", "read", "sql", "table", "tables", "to_latex", "to_markdown", "write"]
+__all__ = ["filter_frame", "labels", "model_label", "pivot", "read", "sql", "table", "tables", "to_latex", "to_markdown",
+           "write"]
 
 if __name__ == "__main__":
     cli_main(main)

@@ -6,7 +6,7 @@
 Trains the search space's missing models (the sweep), computes its missing attack-matrix cells
 (the matrix), both on a local Ray instance with this machine's CPUs (or ``--address auto``), then
 draws clean accuracy and black-box defense rate (FGSM and PGD in Madry et al.'s setting, from a
-normal ResNet-18) against the shallow drop ratio as PNG and SVG, and prints the same numbers.
+normal ResNet-18) against the shallow drop ratio as PNG, SVG and PDF, and prints the same numbers.
 What the store already holds is reused: a second run draws from the store without starting Ray.
 The paper's points are overlaid when the space's models are trained as the paper's were.
 """
@@ -19,7 +19,8 @@ import pandas as pd
 
 from rm_sweep import cli, pipeline
 from rm_sweep.errors import UserError, cli_main
-from rm_sweep.figures import check_png_path, draw_fig14, fig14_cells, fig14_rows, fig14_summary, is_paper_setting
+from rm_sweep.figures import (check_png_path, draw_fig14, fig14_cells, fig14_rows, fig14_summary, fig14_table,
+                              is_paper_setting)
 from rm_sweep.paper_results import fig14_points
 from rm_sweep.spaces import SearchSpace, load_space
 from rm_sweep.store import Store
@@ -35,31 +36,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true",
                         help="list the models and matrix cells a run would compute and what the store holds; "
                              "start nothing")
-    parser.add_argument("--out", default="fig14.png", help="figure file (PNG; an SVG is written beside it)")
+    parser.add_argument("--out", default="fig14.png", help="figure file (PNG; SVG and PDF copies are written beside it)")
     parser.add_argument("--paper", choices=("auto", "on", "off"), default="auto",
                         help="overlay the paper's points: auto = only when the space trains models as the paper "
                              "did (full CIFAR-10, width 1, the paper's recipe)")
     return parser.parse_args(argv)
-
-
-def table(summary: pd.DataFrame, paper: pd.DataFrame | None) -> pd.DataFrame:
-    """One row per shallow ratio: models, then ``mean ± std`` (percent) per metric, then the
-    paper's values when given."""
-    wide = summary.pivot(index="shallow_ratio", columns="metric", values=["mean", "std", "n"])
-    out = pd.DataFrame(index=wide.index)
-    out["models"] = wide[("n", "clean_accuracy")].astype(int)
-    names = {"clean_accuracy": "clean acc %", "madry_fgsm": "FGSM defense %", "madry_pgd": "PGD defense %"}
-    for metric, name in names.items():
-        if ("mean", metric) in wide:
-            out[name] = [f"{m:.2f} ± {s:.2f}" if pd.notna(m) else "" for m, s in
-                         zip(wide[("mean", metric)], wide[("std", metric)])]
-    if paper is not None:
-        for metric, name in names.items():
-            values = paper[paper["metric"] == metric].set_index("shallow_ratio")["value"]
-            out[f"paper {name.split(' %')[0]}"] = [f"{values[r]:.2f}" if r in values.index else ""
-                                                    for r in out.index]
-    out.index.name = "shallow ratio"
-    return out
 
 
 def headline(summary: pd.DataFrame) -> list[str]:
@@ -118,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nFig. 14 ({space.name}), mean ± std over seeds, defense rates against a normal ResNet-18's "
           "adversarials (Madry's black-box setting, eps 8/255):")
     with pd.option_context("display.width", 200, "display.max_columns", None):
-        print(table(summary, paper).to_string())
+        print(fig14_table(summary, paper).to_string())
     print()
     for line in headline(summary):
         print(line)
@@ -129,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
               "clean accuracy says little about what masking costs at full size. "
               + ("The paper's points are overlaid for reference only (--paper on)." if overlay else
                  "The paper's points are not overlaid (use --paper on to overlay them anyway)."))
-    print(f"\nfigure: {args.out} and {Path(args.out).with_suffix('.svg')}; store: {store.uri}")
+    out = Path(args.out)
+    print(f"\nfigure: {out}, {out.with_suffix('.svg')} and {out.with_suffix('.pdf')}; store: {store.uri}")
     return 0
 
 

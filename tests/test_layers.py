@@ -13,7 +13,7 @@ from scaffold import ROOT
 
 PACKAGE = ROOT / "rm_sweep"
 COMMANDS = ["rm_sweep.train", "rm_sweep.sweep", "rm_sweep.matrix", "rm_sweep.tradeoff", "rm_sweep.query",
-            "rm_sweep.__main__"]
+            "rm_sweep.__main__", "rm_sweep.report"]
 # The value layer: what a search space is made of, and its validation.
 VALUES = ["rm_sweep.checks", "rm_sweep.recipes", "rm_sweep.spec", "rm_sweep.spaces", "rm_sweep.space_parser"]
 TRAINING_AND_STORAGE = ["rm_sweep.train", "rm_sweep.data", "rm_sweep.store", "rm_sweep.tables", "rm_sweep.pipeline",

@@ -7,7 +7,6 @@ matrix, figure, then a rerun from the store) is the slow test at the end.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -16,13 +15,13 @@ import pandas as pd
 import pytest
 
 from rm_sweep import tradeoff
+from rm_sweep.errors import UserError
 from rm_sweep.figures import draw_fig14, fig14_rows, fig14_summary, is_paper_setting
-from rm_sweep.pipeline import matrix_images
 from rm_sweep.paper_results import fig14_points, read_table, tables8_12
 from rm_sweep.spaces import SearchSpace, load_space
 from rm_sweep.store import Store
 from scaffold import run_command
-from tinystore import build, reference_counts, space_file, write_tinted_folder
+from tinystore import build_filled, space_file, write_tinted_folder
 
 MODELS = [
     {"name": "source", "seed": 0},
@@ -42,10 +41,7 @@ RAY_CHATTER = ["Token authentication", "Configuration for experiment", "TensorBo
 def filled(tmp_path_factory: pytest.TempPathFactory) -> tuple[SearchSpace, Store, Path]:
     """A store holding every model and matrix cell of a tiny Fig. 14 space."""
     root = tmp_path_factory.mktemp("tradeoff")
-    space, store = build(root, root / "data", MODELS, MATRIX)
-    images, labels = matrix_images(space, root / "data")
-    counts = reference_counts(space, store, list(space.cells), images, labels)
-    store.add_matrix({**dataclasses.asdict(c), **counts[c.key()].as_dict()} for c in space.cells)
+    space, store = build_filled(root, root / "data", MODELS, MATRIX)
     return space, store, root
 
 
@@ -86,6 +82,7 @@ def test_command_writes_png_and_svg_from_the_store_without_ray(
     height, width, _ = matplotlib.image.imread(out).shape
     assert height > 100 and width > 100
     assert out.with_suffix(".svg").read_text().lstrip().startswith("<?xml")
+    assert out.with_suffix(".pdf").read_bytes().startswith(b"%PDF-")
     assert "Ray not started" in text
     assert "not the accuracy trade-off" in text  # a small space says what it can show
     summary = fig14_summary(fig14_rows(store, space))
@@ -144,6 +141,16 @@ def test_only_fig14_targets_are_drawn(filled: tuple[SearchSpace, Store, Path]) -
     rows = fig14_rows(store, space)
     assert sorted(rows["shallow_ratio"].unique()) == [0.0, 0.5, 0.9]
     assert len(rows) == 2 + 4  # normal seeds 1, 2 and 0.5/0.9-Shallow seeds 1, 2; the deep model left out
+
+
+def test_the_store_alone_selects_the_spaces_cells(filled: tuple[SearchSpace, Store, Path], tmp_path: Path) -> None:
+    """Without a space (the report), the same rule picks the same cells from the stored models."""
+    space, store, _ = filled
+    pd.testing.assert_frame_equal(fig14_rows(store), fig14_rows(store, space))
+    empty = Store(tmp_path / "empty")
+    assert fig14_rows(empty, allow_empty=True).empty
+    with pytest.raises(UserError, match="holds no Fig. 14 cells"):
+        fig14_rows(empty)
 
 
 @pytest.mark.parametrize("metric, ratio, value", [

@@ -7,6 +7,7 @@ ground truth the Ray matrix must reproduce.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -19,6 +20,7 @@ from rm_sweep.attacks import AttackSetting
 from rm_sweep.data import load_dataset
 from rm_sweep.ensemble import Ensemble
 from rm_sweep.evaluate import DefenseCounts, craft, defense, white_box
+from rm_sweep.pipeline import matrix_images
 from rm_sweep.protocols import noise, patch_shuffle
 from rm_sweep.spaces import SearchSpace, load_space
 from rm_sweep.spec import MatrixCell
@@ -78,6 +80,16 @@ def build(root: Path, data_dir: Path, models: list[dict], matrix: list[dict], **
     space = load_space(space_file(root, data, models, matrix, **kwargs))
     store = Store(root / "store")
     train_models(space, store, data_dir)
+    return space, store
+
+
+def build_filled(root: Path, data_dir: Path, models: list[dict], matrix: list[dict],
+                 **kwargs: Any) -> tuple[SearchSpace, Store]:
+    """``build``, then every matrix cell of the space computed in this process and stored."""
+    space, store = build(root, data_dir, models, matrix, **kwargs)
+    images, labels = matrix_images(space, data_dir)
+    counts = reference_counts(space, store, list(space.cells), images, labels)
+    store.add_matrix({**dataclasses.asdict(c), **counts[c.key()].as_dict()} for c in space.cells)
     return space, store
 
 
