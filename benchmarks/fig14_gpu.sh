@@ -60,12 +60,12 @@ case $stage in
       2>&1 | tee "$out/speed.log"
     ;;
   smoke)
-    # The same space at a size this CPU trains in minutes: width 0.125, 500 images, 1 epoch, no GPU.
+    # The same space at a size this CPU trains in minutes: width 0.125, 1000 images, 2 epochs, no GPU.
     small=$work/fig14_gpu_smoke.yaml
     $py - "$space" "$small" <<'EOF'
 import sys, yaml
 space = yaml.safe_load(open(sys.argv[1]))
-space.update(name="fig14_gpu_smoke", train_subset=500, test_subset=200, recipe={"name": "paper", "epochs": 1},
+space.update(name="fig14_gpu_smoke", train_subset=1000, test_subset=200, recipe={"name": "paper", "epochs": 2},
              resources={"cpus_per_trial": 1, "gpus_per_trial": 0})
 for group in space["models"]:
     group["width"] = 0.125

@@ -24,6 +24,7 @@ from rm_sweep.errors import UserError
 from rm_sweep.paper_results import FIG14_METRICS as METRICS
 from rm_sweep.spaces import SearchSpace
 from rm_sweep.spec import MATRIX_KEY, MatrixCell, ModelSpec
+from rm_sweep.stats import wilson
 from rm_sweep.store import Store
 
 SETTINGS = tuple(m for m in METRICS if m != "clean_accuracy")  # the attack settings drawn
@@ -77,7 +78,7 @@ def fig14_rows(store: Store, space: SearchSpace | None = None, *, allow_empty: b
     Returns:
         Columns ``source_id``, ``target_id``, ``shallow_ratio``, ``seed``, ``mask_seed``,
         ``width``, ``clean_accuracy``, ``madry_fgsm``, ``madry_pgd`` (a rate is NaN if its cell
-        is missing).
+        is missing), and each rate's counts ``<setting>_defended``, ``<setting>_evaluated``.
     """
     matrix = store.matrix()
     models = store.models().set_index("model_id")
@@ -89,15 +90,22 @@ def fig14_rows(store: Store, space: SearchSpace | None = None, *, allow_empty: b
         in_figure = [is_fig14_cell(r.protocol, r.attack, r.target_kind, by_id.get(r.source_id), by_id.get(r.target_id))
                      for r in matrix.itertuples(index=False)]
     matrix = matrix[pd.Series(in_figure, index=matrix.index, dtype=bool)]
-    columns = ["source_id", "target_id", "shallow_ratio", "seed", "mask_seed", "width", *METRICS]
+    counts = [f"{setting}_{count}" for setting in SETTINGS for count in ("defended", "evaluated")]
+    columns = ["source_id", "target_id", "shallow_ratio", "seed", "mask_seed", "width", *METRICS, *counts]
     if not len(matrix):
         if allow_empty:
             return pd.DataFrame(columns=columns)
         where = f"of space {space.name}" if space is not None else "(black-box madry_fgsm / madry_pgd from a normal " \
                                                                    "ResNet-18 onto shallow-masked ResNet-18s)"
         raise UserError(f"store {store.uri} holds no Fig. 14 cells {where}")
-    rates = matrix.pivot_table(index=["source_id", "target_id"], columns="attack", values="defense_rate",
-                               aggfunc="first").reindex(columns=list(SETTINGS)) * 100
+    # dropna=False: a cell whose rate is undefined (no image the source was fooled on reached the
+    # target correctly classified) still names its pair; its rate stays NaN.
+    wide = matrix.pivot_table(index=["source_id", "target_id"], columns="attack",
+                              values=["defense_rate", "n_defended", "n_evaluated"], aggfunc="first", dropna=False)
+    rates = wide["defense_rate"].reindex(columns=list(SETTINGS)) * 100
+    for setting in SETTINGS:
+        for count in ("defended", "evaluated"):
+            rates[f"{setting}_{count}"] = wide[f"n_{count}"].reindex(columns=list(SETTINGS))[setting]
     rates = rates.reset_index()
     rates.columns.name = None
     target = models.loc[rates["target_id"]]
@@ -108,21 +116,32 @@ def fig14_rows(store: Store, space: SearchSpace | None = None, *, allow_empty: b
 
 
 def fig14_summary(rows: pd.DataFrame) -> pd.DataFrame:
-    """Mean and sample standard deviation (0 for one value) per shallow ratio and metric.
+    """Per shallow ratio and metric: mean and sample standard deviation over seeds (0 for one
+    value), and for the defense rates the rate of the counts pooled over the ratio's (source,
+    target) pairs with its 95 % Wilson interval.
 
     Clean accuracy is averaged over distinct target models, defense rates over (source,
-    target) pairs. Columns: ``shallow_ratio``, ``metric``, ``mean``, ``std``, ``n``.
+    target) pairs. Columns: ``shallow_ratio``, ``metric``, ``mean``, ``std``, ``n``, ``pooled``,
+    ``ci_low``, ``ci_high`` (percent; ``pooled`` is ``mean`` and the interval NaN for clean
+    accuracy, whose counts the store does not keep).
     """
     parts = []
     for metric in METRICS:
         values = rows.drop_duplicates("target_id") if metric == "clean_accuracy" else rows
         values = values.dropna(subset=[metric])
-        grouped = values.groupby("shallow_ratio")[metric]
-        part = pd.DataFrame({"mean": grouped.mean(), "std": grouped.std(ddof=1).fillna(0.0), "n": grouped.size()})
+        grouped = values.groupby("shallow_ratio")
+        part = pd.DataFrame({"mean": grouped[metric].mean(), "std": grouped[metric].std(ddof=1).fillna(0.0),
+                             "n": grouped.size()})
+        if metric == "clean_accuracy":
+            part = part.assign(pooled=part["mean"], ci_low=math.nan, ci_high=math.nan)
+        else:
+            defended, evaluated = grouped[f"{metric}_defended"].sum(), grouped[f"{metric}_evaluated"].sum()
+            low, high = wilson(defended, evaluated)
+            part = part.assign(pooled=100 * defended / evaluated, ci_low=100 * low, ci_high=100 * high)
         parts.append(part.reset_index().assign(metric=metric))
     summary = pd.concat(parts, ignore_index=True)
-    return summary[["shallow_ratio", "metric", "mean", "std", "n"]].sort_values(["metric", "shallow_ratio"],
-                                                                                ignore_index=True)
+    return summary[["shallow_ratio", "metric", "mean", "std", "n", "pooled", "ci_low", "ci_high"]].sort_values(
+        ["metric", "shallow_ratio"], ignore_index=True)
 
 
 def is_paper_setting(store: Store, rows: pd.DataFrame) -> bool:
@@ -137,15 +156,17 @@ def is_paper_setting(store: Store, rows: pd.DataFrame) -> bool:
 
 def fig14_table(summary: pd.DataFrame, paper: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per shallow ratio of ``fig14_summary``'s frame: models, then ``mean ± std``
-    (percent) per metric, then the paper's values (``fig14_points()``) when given."""
-    wide = summary.pivot(index="shallow_ratio", columns="metric", values=["mean", "std", "n"])
+    (percent) per metric, a defense rate followed by the 95 % Wilson interval of its pooled
+    counts in brackets, then the paper's values (``fig14_points()``) when given."""
+    wide = summary.pivot(index="shallow_ratio", columns="metric", values=["mean", "std", "n", "ci_low", "ci_high"])
     out = pd.DataFrame(index=wide.index)
     out["models"] = wide[("n", "clean_accuracy")].astype(int)
     names = {"clean_accuracy": "clean acc %", "madry_fgsm": "FGSM defense %", "madry_pgd": "PGD defense %"}
     for metric, name in names.items():
         if ("mean", metric) in wide:
-            out[name] = [f"{m:.2f} ± {s:.2f}" if pd.notna(m) else "" for m, s in
-                         zip(wide[("mean", metric)], wide[("std", metric)])]
+            out[name] = [(f"{m:.2f} ± {s:.2f}" + (f" [{lo:.1f}, {hi:.1f}]" if pd.notna(lo) else "")) if pd.notna(m)
+                         else "" for m, s, lo, hi in zip(wide[("mean", metric)], wide[("std", metric)],
+                                                         wide[("ci_low", metric)], wide[("ci_high", metric)])]
     if paper is not None:
         for metric, name in names.items():
             values = paper[paper["metric"] == metric].set_index("shallow_ratio")["value"]
@@ -163,20 +184,25 @@ def check_png_path(out: str | Path) -> Path:
     return out
 
 
-def draw_fig14(summary: pd.DataFrame, out: str | Path, *, paper: pd.DataFrame | None = None,
-               title: str = "") -> pd.DataFrame:
+def draw_fig14(summary: pd.DataFrame, out: str | Path, *, rows: pd.DataFrame | None = None,
+               paper: pd.DataFrame | None = None, title: str = "") -> pd.DataFrame:
     """Draw Fig. 14 as ``out`` (PNG) and the same name with ``.svg`` and ``.pdf``.
 
     Args:
         summary: ``fig14_summary``'s frame (percentages).
         out: the PNG path; its directory is created.
+        rows: ``fig14_rows``' frame that ``summary`` summarises, for the single pairs' dots.
         paper: the paper's points (``rm_sweep.paper_results.fig14_points()``) to overlay, or None.
         title: the figure's title.
 
+    A defense rate is drawn as the rate of its counts pooled over the ratio's (source, target)
+    pairs with the 95 % Wilson interval as its bar, and where a ratio has several pairs (seeds)
+    each pair's rate as a small dot; clean accuracy as mean ± std over seeds.
+
     Returns:
         The points as drawn, read back from the figure: columns ``panel`` (``defense`` or
-        ``accuracy``), ``series`` (metric, with ``paper:`` before the paper's), ``x``, ``y``,
-        ``yerr`` (NaN for the paper's points).
+        ``accuracy``), ``series`` (metric, with ``paper:`` before the paper's, ``pairs:`` before
+        the single pairs'), ``x``, ``y``, ``low``, ``high`` (the bar's ends; NaN without a bar).
     """
     out = check_png_path(out)
     figure = Figure(figsize=(10, 4), layout="constrained")
@@ -185,9 +211,18 @@ def draw_fig14(summary: pd.DataFrame, out: str | Path, *, paper: pd.DataFrame | 
     for metric in METRICS:
         panel = "accuracy" if metric == "clean_accuracy" else "defense"
         data = summary[summary["metric"] == metric].sort_values("shallow_ratio")
-        if len(data):
+        if len(data) and metric == "clean_accuracy":
             panels[panel].errorbar(data["shallow_ratio"], data["mean"], yerr=data["std"], marker="o", capsize=3,
-                                   color=COLORS[metric], label=f"{LABELS[metric]} (this run)", gid=metric)
+                                   color=COLORS[metric], label=f"{LABELS[metric]} (this run, ± std)", gid=metric)
+        elif len(data):
+            bars = [(data["pooled"] - data["ci_low"]).clip(lower=0), (data["ci_high"] - data["pooled"]).clip(lower=0)]
+            panels[panel].errorbar(data["shallow_ratio"], data["pooled"], yerr=bars, marker="o", capsize=3,
+                                   color=COLORS[metric], label=f"{LABELS[metric]} (this run, 95 % CI)", gid=metric)
+            several = rows[rows["shallow_ratio"].isin(data.loc[data["n"] > 1, "shallow_ratio"])] \
+                if rows is not None else []
+            if len(several):
+                panels[panel].plot(several["shallow_ratio"], several[metric], linestyle="none", marker=".",
+                                   alpha=0.5, color=COLORS[metric], gid=f"pairs:{metric}")
         if paper is not None:
             points = paper[paper["metric"] == metric].sort_values("shallow_ratio")
             if len(points):
@@ -213,20 +248,20 @@ def draw_fig14(summary: pd.DataFrame, out: str | Path, *, paper: pd.DataFrame | 
 
 
 def _drawn_points(panels: dict[str, Any]) -> pd.DataFrame:
-    """Every point on the axes, read back from the artists: error-bar series (x, y, half the
-    bar's length) and the paper's dashed lines (no error)."""
+    """Every point on the axes, read back from the artists: error-bar series (x, y and the bar's
+    ends), the single pairs' dots and the paper's dashed lines (no bar)."""
     points = []
     for panel, ax in panels.items():
         for container in ax.containers:  # errorbar: (data line, caps, (bar collection,))
             line, _, (bars,) = container.lines
-            errors = [abs(top[1] - bottom[1]) / 2 for bottom, top in bars.get_segments()]
-            points += [{"panel": panel, "series": line.get_gid(), "x": float(x), "y": float(y), "yerr": float(e)}
-                       for x, y, e in zip(line.get_xdata(), line.get_ydata(), errors)]
+            ends = [(bottom[1], top[1]) for bottom, top in bars.get_segments()]
+            points += [{"panel": panel, "series": line.get_gid(), "x": float(x), "y": float(y), "low": float(low),
+                        "high": float(high)} for x, y, (low, high) in zip(line.get_xdata(), line.get_ydata(), ends)]
         for line in ax.get_lines():
-            if (line.get_gid() or "").startswith("paper:"):
+            if (line.get_gid() or "").startswith(("paper:", "pairs:")):
                 points += [{"panel": panel, "series": line.get_gid(), "x": float(x), "y": float(y),
-                            "yerr": math.nan} for x, y in zip(line.get_xdata(), line.get_ydata())]
-    return pd.DataFrame(points, columns=["panel", "series", "x", "y", "yerr"])
+                            "low": math.nan, "high": math.nan} for x, y in zip(line.get_xdata(), line.get_ydata())]
+    return pd.DataFrame(points, columns=["panel", "series", "x", "y", "low", "high"])
 
 
 __all__ = ["METRICS", "SETTINGS", "check_png_path", "draw_fig14", "fig14_cells", "fig14_rows", "fig14_summary",

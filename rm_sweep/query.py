@@ -36,11 +36,13 @@ from rm_sweep import cli, sql_engine
 from rm_sweep.errors import UserError, cli_main
 from rm_sweep.protocols import PROTOCOLS
 from rm_sweep.spec import paper_label
+from rm_sweep.stats import with_intervals
 from rm_sweep.store import Store
 from rm_sweep.tables import TABLES
 
 FORMATS = ("table", "csv", "markdown", "latex", "parquet")
 _COUNTS = ("n_crafted", "n_fooled_source", "n_evaluated", "n_defended")
+_RATES = ("defense_rate", "ci_low", "ci_high")  # shown in percent
 _CONDITION = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|!=|==|=|<|>)\s*(.*?)\s*$")
 
 
@@ -51,16 +53,18 @@ def _store(store: Store | str) -> Store:
 def tables(store: Store | str) -> pd.DataFrame:
     """The store's tables: columns ``table``, ``rows``, ``columns`` (comma-separated names)."""
     store = _store(store)
-    return pd.DataFrame([{"table": name, "rows": len(read(store, name)), "columns": ", ".join(schema.names)}
-                         for name, schema in TABLES.items()])
+    frames = {name: read(store, name) for name in TABLES}
+    return pd.DataFrame([{"table": name, "rows": len(frame), "columns": ", ".join(frame.columns)}
+                         for name, frame in frames.items()])
 
 
 def read(store: Store | str, name: str) -> pd.DataFrame:
-    """A whole table (``models``, ``matrix`` or ``ensembles``)."""
+    """A whole table (``models``, ``matrix`` or ``ensembles``); the matrix with ``ci_low`` and
+    ``ci_high``, each defense rate's 95 % Wilson interval (``stats.with_intervals``)."""
     store = _store(store)
     if name not in TABLES:
         raise UserError(f"unknown table {name!r}; the store has {', '.join(TABLES)}")
-    return getattr(store, name)()
+    return with_intervals(store.matrix()) if name == "matrix" else getattr(store, name)()
 
 
 def parse_condition(text: str) -> tuple[str, str, str]:
@@ -181,14 +185,15 @@ def pivot(store: Store | str, setting: str, *, protocol: str = "black", value: s
     Args:
         setting: the ``attack`` column's value (``madry_pgd``, ``pgd16``, ``noise``, ...).
         protocol: ``black``, ``gray``, ``white``, ``noise`` or ``shuffle``.
-        value: ``defense_rate`` (shown in %) or a count column (``n_defended``, ``n_evaluated``, ...).
+        value: ``defense_rate``, ``ci_low`` or ``ci_high`` (its 95 % Wilson interval; all three
+            shown in %) or a count column (``n_defended``, ``n_evaluated``, ...).
         where: further conditions on matrix columns (e.g. ``limit=1000``).
         ids: label rows and columns by id instead of the paper's names.
         pool: several cells for one (target, column), e.g. different limits, are pooled (their
             counts summed, the rate recomputed) instead of being an error.
     """
     store = _store(store)
-    matrix = filter_frame(store.matrix(), [f"attack={setting}", f"protocol={protocol}", *where])
+    matrix = filter_frame(read(store, "matrix"), [f"attack={setting}", f"protocol={protocol}", *where])
     if value not in matrix.columns:
         raise UserError(f"unknown value column {value!r}; use defense_rate or a count column")
     if not len(matrix):
@@ -196,16 +201,16 @@ def pivot(store: Store | str, setting: str, *, protocol: str = "black", value: s
     columns = "source_id" if PROTOCOLS[protocol].crafts else "attack_params"
     duplicated = matrix.duplicated(["target_id", columns], keep=False)
     if duplicated.any() and pool:
-        if value not in (*_COUNTS, "defense_rate"):
-            raise UserError(f"cannot pool {value!r} over several cells; use defense_rate or a count column")
+        if value not in (*_COUNTS, *_RATES):
+            raise UserError(f"cannot pool {value!r} over several cells; use {', '.join(_RATES)} or a count column")
         pooled = matrix.groupby(["target_id", columns], as_index=False)[list(_COUNTS)].sum(min_count=1)
-        matrix = pooled.assign(defense_rate=pooled["n_defended"] / pooled["n_evaluated"])
+        matrix = with_intervals(pooled.assign(defense_rate=pooled["n_defended"] / pooled["n_evaluated"]))
     elif duplicated.any():
         example = matrix[duplicated].iloc[0]
         raise UserError(f"several {setting} cells for target {example['target_id']} and {columns} "
                         f"{example[columns]} (different limits or parameters); narrow with --where limit=N")
     grid = matrix.pivot(index="target_id", columns=columns, values=value).astype(float)
-    if value == "defense_rate":
+    if value in _RATES:
         grid = grid * 100
     models = store.models().set_index("model_id")
     grid["Acc"] = [models["clean_accuracy"].get(t, math.nan) * 100 for t in grid.index]
@@ -341,7 +346,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--setting", default=None, help="pivot: the attack setting (madry_pgd, pgd16, noise, ...)")
     parser.add_argument("--protocol", default="black", choices=PROTOCOLS,
                         help="pivot: the protocol (default black)")
-    parser.add_argument("--value", default="defense_rate", help="pivot: defense_rate (%%) or a count column")
+    parser.add_argument("--value", default="defense_rate",
+                        help="pivot: defense_rate, ci_low or ci_high (its 95 %% Wilson interval; all in %%) or a count "
+                             "column")
     parser.add_argument("--ids", action="store_true", help="pivot: label rows and columns by id")
     parser.add_argument("--sql", default=None,
                         help="a DuckDB query over the tables models, matrix, ensembles (stddev, median, PIVOT, ...)")

@@ -110,10 +110,12 @@ def _fig14(store: Store, figures: Path, report: Report) -> tuple[str, str]:
         return f"<p>{html.escape(text)}</p>", text + "\n"
     summary = fig14_summary(rows)
     paper = fig14_points() if is_paper_setting(store, rows) else None
-    draw_fig14(summary, figures / "fig14.png", paper=paper,
+    draw_fig14(summary, figures / "fig14.png", rows=rows, paper=paper,
                title="Fig. 14: ResNet-18 with shallow Random Mask, black-box from a normal ResNet-18")
     report.fig14 = True
-    caption = ("Mean ± std over seeds. " + ("The paper's points are overlaid (dashed)." if paper is not None else
+    caption = ("Defense rates: the counts of each ratio's (source, target) pairs pooled, with their 95 % Wilson "
+               "interval as bars (several seeds: each pair a dot); clean accuracy: mean ± std over seeds. The table "
+               "gives mean ± std over seeds and the pooled interval in brackets. " + ("The paper's points are overlaid (dashed)." if paper is not None else
                "The models are not trained as the paper's (full CIFAR-10, width 1, its recipe), so the paper's "
                "points are not overlaid; Table 1 and Tables 8-12 below hold its numbers."))
     table = fig14_table(summary, paper).reset_index()

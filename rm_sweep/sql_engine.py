@@ -3,7 +3,7 @@
     run(Store("store"), "SELECT attack, median(defense_rate) FROM matrix GROUP BY attack")  # pyarrow.Table
 
 The views ``models``, ``matrix`` and ``ensembles`` are ``Store.arrow`` registered with DuckDB
-(zero-copy). ``Store`` is the one reader of the store, so SQL sees exactly the rows pandas and
+(zero-copy); ``matrix`` also has ``ci_low`` and ``ci_high``, each rate's 95 % Wilson interval. ``Store`` is the one reader of the store, so SQL sees exactly the rows pandas and
 the figures see, local or on S3 alike (pyarrow's filesystem reads S3; DuckDB's own S3 extension
 is never used), in the tables' types: an ensemble's ``members`` is a list of strings,
 ``created_at`` a timestamp in UTC.
@@ -20,6 +20,7 @@ import duckdb
 import pyarrow as pa
 
 from rm_sweep.errors import UserError
+from rm_sweep.stats import wilson
 from rm_sweep.store import Store
 from rm_sweep.tables import TABLES
 
@@ -50,13 +51,22 @@ def connect(store: Store) -> duckdb.DuckDBPyConnection:
     connection = duckdb.connect(":memory:", config=_CONFIG)
     try:
         for name in TABLES:
-            connection.register(name, store.arrow(name))
+            connection.register(name, with_interval_columns(store.arrow(name)) if name == "matrix" else store.arrow(name))
         for statement in _SEAL:
             connection.execute(statement)
     except BaseException:
         connection.close()
         raise
     return connection
+
+
+def with_interval_columns(matrix: pa.Table) -> pa.Table:
+    """The matrix with ``ci_low`` and ``ci_high``: each defense rate's 95 % Wilson interval
+    (NULL where no image was evaluated), computed on reading like ``query.read``'s."""
+    low, high = wilson(matrix["n_defended"].to_numpy(zero_copy_only=False),
+                       matrix["n_evaluated"].to_numpy(zero_copy_only=False))
+    return (matrix.append_column("ci_low", pa.array(low, from_pandas=True))
+            .append_column("ci_high", pa.array(high, from_pandas=True)))
 
 
 def run(store: Store, query: str) -> pa.Table:

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     paper_scale = is_paper_setting(store, rows)
     overlay = args.paper == "on" or (args.paper == "auto" and paper_scale)
     paper = fig14_points() if overlay else None
-    draw_fig14(summary, args.out, paper=paper,
+    draw_fig14(summary, args.out, rows=rows, paper=paper,
                title=f"Fig. 14 ({space.name}): ResNet-18 with shallow Random Mask, black-box from a normal ResNet-18")
 
     if done.started_ray:

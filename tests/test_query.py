@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+import scipy.stats
 
 from rm_sweep import query, sql_engine
 from rm_sweep.data import load_dataset
@@ -113,6 +114,27 @@ def test_pivot_by_ids_and_counts(known: dict) -> None:
     grid = query.pivot(known["store"], "madry_pgd", value="n_defended", ids=True)
     source = known["sources"][1].model_id
     assert grid.loc[known["ensemble"].ensemble_id, source] == 41
+
+
+def test_every_defense_rate_comes_with_its_wilson_interval(known: dict) -> None:
+    """query's matrix, the pivot and SQL give the same 95 % interval, scipy's Wilson interval of
+    the row's counts."""
+    matrix = query.table(known["store"], "matrix")
+    for row in matrix.itertuples():
+        if row.n_evaluated:
+            interval = scipy.stats.binomtest(int(row.n_defended), int(row.n_evaluated)).proportion_ci(method="wilson")
+            assert (row.ci_low, row.ci_high) == pytest.approx((interval.low, interval.high))
+            assert row.ci_low <= row.defense_rate <= row.ci_high
+    source = known["sources"][1].model_id
+    low = query.pivot(known["store"], "madry_pgd", value="ci_low", ids=True)
+    cell = matrix[(matrix.attack == "madry_pgd") & (matrix.source_id == source)
+                  & (matrix.target_id == known["ensemble"].ensemble_id)].iloc[0]
+    assert low.loc[known["ensemble"].ensemble_id, source] == pytest.approx(100 * cell.ci_low, abs=0.01)
+    by_sql = query.sql(known["store"], "SELECT source_id, target_id, attack, attack_params, ci_low, ci_high FROM matrix")
+    merged = matrix.merge(by_sql, on=["source_id", "target_id", "attack", "attack_params"], suffixes=("", "_sql"))
+    assert len(merged) == len(matrix)
+    assert merged["ci_low_sql"].tolist() == pytest.approx(merged["ci_low"].tolist(), nan_ok=True)
+    assert merged["ci_high_sql"].tolist() == pytest.approx(merged["ci_high"].tolist(), nan_ok=True)
 
 
 def test_pivot_of_noise_has_one_column_per_level(known: dict) -> None:

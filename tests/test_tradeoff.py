@@ -13,6 +13,7 @@ from pathlib import Path
 import matplotlib.image
 import pandas as pd
 import pytest
+import scipy.stats
 
 from rm_sweep import tradeoff
 from rm_sweep.errors import UserError
@@ -46,29 +47,44 @@ def filled(tmp_path_factory: pytest.TempPathFactory) -> tuple[SearchSpace, Store
 
 
 def _expected(store: Store) -> pd.DataFrame:
-    """Fig. 14's points computed straight from the stored tables: mean and std over seeds."""
+    """Fig. 14's points computed straight from the stored tables: defense rates as counts pooled
+    over a ratio's pairs with their Wilson interval (scipy's), clean accuracy as mean ± std."""
     models = store.models().set_index("model_id")
     matrix = store.matrix()
     matrix = matrix[matrix["target_id"].map(lambda t: models.loc[t, "deep_ratio"] == 0)]
-    matrix = matrix.assign(ratio=matrix["target_id"].map(models["shallow_ratio"]), rate=matrix["defense_rate"] * 100)
-    out = [{"series": attack, "x": ratio, "y": group["rate"].mean(), "yerr": group["rate"].std(ddof=1)}
-           for (attack, ratio), group in matrix.groupby(["attack", "ratio"])]
+    matrix = matrix.assign(ratio=matrix["target_id"].map(models["shallow_ratio"]))
+    out = []
+    for (attack, ratio), group in matrix.groupby(["attack", "ratio"]):
+        defended, evaluated = int(group["n_defended"].sum()), int(group["n_evaluated"].sum())
+        interval = scipy.stats.binomtest(defended, evaluated).proportion_ci(0.95, method="wilson")
+        out.append({"series": attack, "x": ratio, "y": 100 * defended / evaluated,
+                    "low": 100 * interval.low, "high": 100 * interval.high})
     targets = models.loc[matrix["target_id"].unique()]
-    out += [{"series": "clean_accuracy", "x": ratio, "y": group["clean_accuracy"].mean() * 100,
-             "yerr": group["clean_accuracy"].std(ddof=1) * 100} for ratio, group in targets.groupby("shallow_ratio")]
+    for ratio, group in targets.groupby("shallow_ratio"):
+        mean, std = group["clean_accuracy"].mean() * 100, group["clean_accuracy"].std(ddof=1) * 100
+        out.append({"series": "clean_accuracy", "x": ratio, "y": mean, "low": mean - std, "high": mean + std})
     return pd.DataFrame(out).sort_values(["series", "x"], ignore_index=True)
 
 
 def test_figure_points_are_the_stored_rows(filled: tuple[SearchSpace, Store, Path], tmp_path: Path) -> None:
     space, store, _ = filled
-    drawn = draw_fig14(fig14_summary(fig14_rows(store, space)), tmp_path / "fig.png")
-    ours = drawn[~drawn["series"].str.startswith("paper:")].sort_values(["series", "x"], ignore_index=True)
+    rows = fig14_rows(store, space)
+    drawn = draw_fig14(fig14_summary(rows), tmp_path / "fig.png", rows=rows)
+    ours = drawn[~drawn["series"].str.contains(":")].sort_values(["series", "x"], ignore_index=True)
     expected = _expected(store)
     assert ours["series"].tolist() == expected["series"].tolist()
-    for column in ("x", "y", "yerr"):
+    for column in ("x", "y", "low", "high"):
         assert ours[column].tolist() == pytest.approx(expected[column].tolist(), abs=1e-9)
     assert set(ours.loc[ours["series"] == "clean_accuracy", "panel"]) == {"accuracy"}
     assert set(ours.loc[ours["series"] != "clean_accuracy", "panel"]) == {"defense"}
+    # Every pair of a ratio with several seeds is a dot of its own, at its own rate.
+    pairs = drawn[drawn["series"].str.startswith("pairs:")]
+    several = rows[rows.groupby("shallow_ratio")["target_id"].transform("nunique") > 1]
+    for setting in ("madry_fgsm", "madry_pgd"):
+        dots = pairs[pairs["series"] == f"pairs:{setting}"]
+        drawn_dots, stored = sorted(zip(dots["x"], dots["y"])), sorted(zip(several["shallow_ratio"], several[setting]))
+        assert [x for x, _ in drawn_dots] == [x for x, _ in stored]
+        assert [y for _, y in drawn_dots] == pytest.approx([y for _, y in stored])
 
 
 def test_command_writes_png_and_svg_from_the_store_without_ray(
