@@ -15,14 +15,13 @@ the largest difference between rm_sweep's and the textbook loop's adversarial im
 """
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import default_device, median, time_interleaved
+from common import attack_arguments, median, time_interleaved
 from rm_sweep.attacks import get_setting, pgd
 from rm_sweep.models import create_model
 
@@ -60,14 +59,7 @@ def authors_pgd(model: nn.Module, image: torch.Tensor, label: torch.Tensor, eps:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda if available)")
-    ap.add_argument("--arch", default="resnet18")
-    ap.add_argument("--width", type=float, default=1.0, help="channel width factor (0.25 for quick CPU runs)")
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=3, help="timed rounds per method (median reported)")
-    ap.add_argument("--single-images", type=int, default=16, help="images timed one at a time for (b)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap = attack_arguments(__doc__)
     ap.add_argument("--amp", action="store_true", help="also time rm_sweep's pgd with bf16 autocast")
     ap.add_argument("--channels-last", action="store_true", help="channels_last model and images (all methods)")
     args = ap.parse_args()

@@ -1,6 +1,7 @@
 """Shared timing helpers for the benchmarks: side-by-side, interleaved, median of rounds."""
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable
@@ -10,6 +11,19 @@ import torch
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def attack_arguments(description: str | None) -> argparse.ArgumentParser:
+    """The flags the attack benchmarks share: device, model, batch, rounds, single images, threads."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--width", type=float, default=1.0, help="channel width factor (0.25 for quick CPU runs)")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds per method (median reported)")
+    ap.add_argument("--single-images", type=int, default=16, help="images timed one at a time")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    return ap
 
 
 def sync(device: str) -> None:

@@ -138,7 +138,7 @@ def main() -> None:
         seed += trials
     alone = _alone(args)
 
-    print(f"\n| trials on the GPU | GPU share each | steady img/s | vs fit alone | wall img/s | start-up s | compile s |")
+    print("\n| trials on the GPU | GPU share each | steady img/s | vs fit alone | wall img/s | start-up s | compile s |")
     print("|---|---|---|---|---|---|---|")
     print(f"| fit alone, in process | 1 | {alone['steady']:,.0f} | 1.00 | {alone['wall']:,.0f} | - | "
           f"{alone['compile']:.1f} |")

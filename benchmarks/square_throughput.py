@@ -16,27 +16,19 @@ so every image starts correctly classified.
 """
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
 
-from common import default_device, median, time_interleaved
+from common import attack_arguments, median, time_interleaved
 from rm_sweep.models import create_model
 from rm_sweep.attacks import square_linf
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda if available)")
-    ap.add_argument("--arch", default="resnet18")
-    ap.add_argument("--width", type=float, default=1.0, help="channel width factor (0.25 for quick CPU runs)")
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap = attack_arguments(__doc__)
     ap.add_argument("--queries", type=int, default=100, help="max_queries per image")
     ap.add_argument("--eps", type=float, default=8.0, help="L-inf radius in /255 units")
-    ap.add_argument("--rounds", type=int, default=3, help="timed rounds per method (median reported)")
-    ap.add_argument("--single-images", type=int, default=16, help="images timed one at a time")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

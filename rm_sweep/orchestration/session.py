@@ -56,7 +56,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, log_
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise UserError(f"cannot connect to the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
     else:
-        with _loopback_only(), _quiet_logger(_AUTH_LOGGER):
+        with _loopback_only(), quiet_logger(_AUTH_LOGGER):
             ray.init(address="local", num_cpus=num_cpus or cpu_count(), include_dashboard=True,
                      dashboard_host="127.0.0.1", runtime_env={"env_vars": {**LOCAL_JOB_ENV, **(env or {})}},
                      **settings)
@@ -67,8 +67,8 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, log_
 
 
 @contextlib.contextmanager
-def _quiet_logger(name: str) -> Iterator[None]:
-    """Drop the warnings of logger ``name`` for the duration (errors still pass)."""
+def quiet_logger(name: str) -> Iterator[None]:
+    """Drop the warnings of logger ``name`` (one of Ray's) for the duration; errors still pass."""
     logger = logging.getLogger(name)
     saved = logger.level
     logger.setLevel(logging.ERROR)

@@ -44,6 +44,7 @@ from tqdm import tqdm
 from rm_sweep.data import load_dataset
 from rm_sweep.errors import UserError
 from rm_sweep.orchestration import faults
+from rm_sweep.orchestration.session import quiet_logger
 from rm_sweep.orchestration.values import SweepResult, TrialTiming
 from rm_sweep.spaces import Resources
 from rm_sweep.spec import ModelSpec, parse_data_spec
@@ -160,12 +161,13 @@ def run_trials(specs: Sequence[ModelSpec], store: Store, setup: TrialSetup, *, n
 
 @contextlib.contextmanager
 def _tune_console(verbose: int) -> Iterator[None]:
-    """Tune prints its experiment header and a TensorBoard hint at every verbosity: below 2 they
-    go nowhere, and the progress bar (on stderr) is the whole console."""
+    """Tune prints its experiment header and a TensorBoard hint at every verbosity, and warns of
+    its own bookkeeping taking long (on a busy machine, often): below 2 they go nowhere, and the
+    progress bar (on stderr) is the whole console."""
     if verbose >= 2:
         yield
         return
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), quiet_logger("ray.tune.utils.util"):
         yield
 
 
