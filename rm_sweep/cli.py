@@ -13,6 +13,9 @@ from rm_sweep.store import default_store_uri
 if TYPE_CHECKING:
     import pandas as pd
 
+    from rm_sweep.spaces import SearchSpace
+    from rm_sweep.store import Store
+
 
 class Parser(argparse.ArgumentParser):
     """``argparse`` whose errors are one line (``error: ...``, exit status 2, via ``cli_main``)
@@ -119,10 +122,19 @@ def mlflow_uri(text: str) -> str:
     return text
 
 
+def space_and_store(args: argparse.Namespace) -> tuple[SearchSpace, Store]:
+    """The search space (``args.space``, its data overridden by ``--data``) and the store
+    (``--store``) of a command that fills a store from a space."""
+    from rm_sweep.spaces import load_space
+    from rm_sweep.store import Store
+
+    return load_space(args.space, data=args.data), Store(args.store)
+
+
 def verbosity(args: argparse.Namespace) -> int:
     """0 (``--quiet``), 1 (progress bars, the default) or 2 (``--verbose``: Ray's output too)."""
     return 0 if args.quiet else 2 if args.verbose else 1
 
 
 __all__ = ["Parser", "add_cluster", "add_data", "add_pipeline", "add_store", "count", "default_address", "mlflow_uri",
-           "parser", "positive", "print_table", "seed", "verbosity"]
+           "parser", "positive", "print_table", "seed", "space_and_store", "verbosity"]

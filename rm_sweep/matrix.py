@@ -12,8 +12,6 @@ import argparse
 from rm_sweep import cli, pipeline
 from rm_sweep.errors import cli_main
 from rm_sweep.orchestration.values import MatrixOptions
-from rm_sweep.spaces import load_space
-from rm_sweep.store import Store
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,8 +32,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    space = load_space(args.space, data=args.data)
-    store = Store(args.store)
+    space, store = cli.space_and_store(args)
     options = MatrixOptions(actors=args.actors, gpus_per_craft=args.gpus_per_craft,
                             gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size)
     done = pipeline.complete(space, store, address=args.address, data_dir=args.data_dir, options=options,

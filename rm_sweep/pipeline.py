@@ -153,16 +153,9 @@ class Completion:
     seconds: float = 0.0
 
 
-def complete(
-    space: SearchSpace,
-    store: Store,
-    *,
-    address: str | None = None,
-    data_dir: str | os.PathLike | None = None,
-    options: MatrixOptions | None = None,
-    verbose: int = 1,
-    mlflow: str | None = None,
-) -> Completion:
+def complete(space: SearchSpace, store: Store, *, address: str | None = None,
+             data_dir: str | os.PathLike | None = None, options: MatrixOptions | None = None, verbose: int = 1,
+             mlflow: str | None = None) -> Completion:
     """Train the space's missing models, record its ensembles and compute its missing matrix
     cells, on a private local Ray instance (``address`` None) or the cluster at ``address``.
     ``verbose`` and ``mlflow`` as for ``train``; the matrix shows a bar of cells unless 0.

@@ -88,11 +88,18 @@ def accuracy_text(row: pd.Series, *, pm: str = "±") -> str:
     return f"{number(row['paper'])} / {number(row['ours'])}{spread}"
 
 
+def _paper_and_missing(paper: float, n: int) -> tuple[str, str | None]:
+    """The paper's value as a cell's first line, and the whole cell when the store has nothing
+    for it (None otherwise)."""
+    first = f'<div class="paper" title="the paper">{number(paper)}</div>'
+    return first, (None if n else f'<td class="num">{first}<div class="none" title="not in the store">{MISSING}</div></td>')
+
+
 def _cell_html(cell: pd.Series) -> str:
-    paper = f'<div class="paper" title="the paper">{number(cell["paper"])}</div>'
     n = int(cell["n_cells"])
-    if not n:
-        return f'<td class="num">{paper}<div class="none" title="not in the store">{MISSING}</div></td>'
+    paper, missing = _paper_and_missing(cell["paper"], n)
+    if missing:
+        return missing
     counts = f"{int(cell['n_defended'])} of {int(cell['n_evaluated'])} defended, {n} stored cell(s)"
     ours = (f'<div class="ours" title="{counts}">{number(cell["ours"])} '
             f'<span class="ci">[{number(cell["ci_low"], 1)}, {number(cell["ci_high"], 1)}]</span></div>')
@@ -104,10 +111,10 @@ def _cell_html(cell: pd.Series) -> str:
 
 
 def _accuracy_html(row: pd.Series) -> str:
-    paper = f'<div class="paper">{number(row["paper"])}</div>'
     n = int(row["n_models"])
-    if not n:
-        return f'<td class="num">{paper}<div class="none">{MISSING}</div></td>'
+    paper, missing = _paper_and_missing(row["paper"], n)
+    if missing:
+        return missing
     spread = f' <span class="seeds">± {number(row["std"])} ({n})</span>' if n > 1 else ""
     return f'<td class="num">{paper}<div class="ours">{number(row["ours"])}{spread}</div></td>'
 

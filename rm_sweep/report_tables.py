@@ -119,12 +119,16 @@ class PaperTable:
     """One of the paper's tables as data; ``key`` (``table4``) names it in files and anchors."""
 
     key: str
-    title: str
     caption: str
     dataset: str
-    protocol: str
     rows: tuple[Row, ...]
     columns: tuple[Column, ...]
+    protocol: str = "black"  # of the stored cells that fill it
+
+    @property
+    def title(self) -> str:
+        """``Table 4`` for key ``table4``: as the paper names it."""
+        return "Table " + self.key.removeprefix("table")
 
 
 @dataclass(frozen=True)
@@ -157,7 +161,7 @@ def _numbers(values: Sequence[float]) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
 
 
-def _transfer_table(key: str, title: str, csv: str, dataset: str, setting: str, caption: str) -> PaperTable:
+def _transfer_table(key: str, csv: str, dataset: str, setting: str, caption: str) -> PaperTable:
     """Tables 4 and 5: targets x source architectures, one PGD setting."""
     paper = read_table(csv)
     sources = [c for c in paper.columns if c.startswith("from_")]
@@ -165,7 +169,7 @@ def _transfer_table(key: str, title: str, csv: str, dataset: str, setting: str, 
                     for c in sources)
     rows = tuple(Row(r["target"], Model.from_label(r["target"]), _numbers(r[sources]), float(r["clean_acc"]))
                  for _, r in paper.iterrows())
-    return PaperTable(key, title, caption, dataset, "black", rows, columns)
+    return PaperTable(key, caption, dataset, rows, columns)
 
 
 def _table1() -> PaperTable:
@@ -173,9 +177,9 @@ def _table1() -> PaperTable:
     settings = ["madry_fgsm", "madry_pgd"]
     rows = tuple(Row(r["model"], Model("resnet18", float(r["shallow_ratio"])) if pd.notna(r["shallow_ratio"]) else None,
                      _numbers(r[settings]), float(r["clean_acc"])) for _, r in paper.iterrows())
-    return PaperTable("table1", "Table 1", "Madry et al.'s black-box setting (FGSM and PGD, eps 8/255) from a normal "
+    return PaperTable("table1", "Madry et al.'s black-box setting (FGSM and PGD, eps 8/255) from a normal "
                       "ResNet-18, CIFAR-10. Madry's adversarially trained network is not a model rm_sweep trains.",
-                      "cifar10", "black", rows, tuple(Column(s, s, Model("resnet18")) for s in settings))
+                      "cifar10", rows, tuple(Column(s, s, Model("resnet18")) for s in settings))
 
 
 def _table6() -> PaperTable:
@@ -183,9 +187,9 @@ def _table6() -> PaperTable:
     settings = ["fgsm1", "fgsm2", "fgsm4", "pgd1", "pgd2", "pgd4"]
     rows = tuple(Row(r["target"], Model.from_label(r["target"]), _numbers(r[settings]), float(r["clean_acc"]))
                  for _, r in paper.iterrows())
-    return PaperTable("table6", "Table 6", "White-box: each model attacks itself, FGSM and PGD at eps 1, 2, 4 (/255), "
+    return PaperTable("table6", "White-box: each model attacks itself, FGSM and PGD at eps 1, 2, 4 (/255), "
                       "CIFAR-10 (App. F.3; the column headers are our reading of the text, see docs/fidelity.md).",
-                      "cifar10", "white", rows, tuple(Column(s, s, None) for s in settings))
+                      "cifar10", rows, tuple(Column(s, s, None) for s in settings), "white")
 
 
 def _table7() -> PaperTable:
@@ -199,10 +203,10 @@ def _table7() -> PaperTable:
         rows.append(Row(f"{r['target']} ({RELATIONS[relation]})" if masked else r["target"], target,
                         _numbers(r[sources]), math.nan, relation if masked else None,
                         "black" if relation == "transfer" else None))
-    return PaperTable("table7", "Table 7", "Gray-box PGD (eps 16/255, 20 steps of 1), CIFAR-10: columns are sources, "
+    return PaperTable("table7", "Gray-box PGD (eps 16/255, 20 steps of 1), CIFAR-10: columns are sources, "
                       "rows targets trained separately (another initialisation, or another mask of the same ratio); "
-                      "the last rows are black-box transfers to other architectures (App. F.4).", "cifar10", "gray",
-                      tuple(rows), tuple(Column(f"from {s}", "pgd16", Model.from_label(s)) for s in sources))
+                      "the last rows are black-box transfers to other architectures (App. F.4).", "cifar10",
+                      tuple(rows), tuple(Column(f"from {s}", "pgd16", Model.from_label(s)) for s in sources), "gray")
 
 
 def _tables8_12() -> list[PaperTable]:
@@ -214,19 +218,19 @@ def _tables8_12() -> list[PaperTable]:
         columns = tuple(Column(name, name, Model(source)) for name in (_CW[source] if s == "cw" else s for s in settings))
         rows = tuple(Row(r["target"], Model("resnet18", r["shallow_ratio"], r["deep_ratio"]), _numbers(r[settings]),
                          float(r["clean_acc"])) for _, r in part.iterrows())
-        tables.append(PaperTable(f"table{number}", f"Table {number}", "Black-box defense of ResNet-18 targets against "
+        tables.append(PaperTable(f"table{number}", "Black-box defense of ResNet-18 targets against "
                                  f"adversarials from a normal {ARCH_NAMES[source]}, CIFAR-10 (App. F.5).", "cifar10",
-                                 "black", rows, columns))
+                                 rows, columns))
     return tables
 
 
 def paper_tables() -> list[PaperTable]:
     """Every table the packaged CSVs hold, in the paper's numbering."""
     return [_table1(),
-            _transfer_table("table4", "Table 4", "table4_cifar10_pgd_transfer", "cifar10", "pgd16",
+            _transfer_table("table4", "table4_cifar10_pgd_transfer", "cifar10", "pgd16",
                             "PGD (eps 16/255, 20 steps of 1) transfer between architectures, CIFAR-10: rows are "
                             "targets, columns the normal source of each architecture (App. F.2)."),
-            _transfer_table("table5", "Table 5", "table5_mnist_pgd_transfer", "mnist", "mnist_pgd",
+            _transfer_table("table5", "table5_mnist_pgd_transfer", "mnist", "mnist_pgd",
                             "PGD (eps 0.3, 40 steps of 0.01) transfer between architectures, MNIST (App. F.2)."),
             _table6(), _table7(), *_tables8_12()]
 

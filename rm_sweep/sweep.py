@@ -13,8 +13,6 @@ import argparse
 
 from rm_sweep import cli, pipeline
 from rm_sweep.errors import cli_main
-from rm_sweep.spaces import load_space
-from rm_sweep.store import Store
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,8 +35,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    space = load_space(args.space, data=args.data)
-    store = Store(args.store)
+    space, store = cli.space_and_store(args)
     if args.dry_run:
         missing = store.missing(space.models())
         print(f"{space.name}: {len(space.models()) - len(missing)} of {len(space.models())} models in {store.uri}")

@@ -22,7 +22,7 @@ from rm_sweep.errors import UserError, cli_main
 from rm_sweep.figures import (check_png_path, draw_fig14, fig14_cells, fig14_rows, fig14_summary, fig14_table,
                               is_paper_setting)
 from rm_sweep.paper_results import fig14_points
-from rm_sweep.spaces import SearchSpace, load_space
+from rm_sweep.spaces import SearchSpace
 from rm_sweep.store import Store
 
 DEFAULT_SPACE = "quick"  # packaged with rm_sweep, so the default works from any directory
@@ -71,8 +71,7 @@ def dry_run(space: SearchSpace, store: Store) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    space = load_space(args.space, data=args.data)
-    store = Store(args.store)
+    space, store = cli.space_and_store(args)
     check_png_path(args.out)  # before hours of work, not after
     if not fig14_cells(space):
         raise UserError(f"{space.path}: no Fig. 14 cells (black-box madry_fgsm / madry_pgd from a normal resnet18 "
