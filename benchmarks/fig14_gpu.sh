@@ -33,9 +33,9 @@ tradeoff() {  # tradeoff SPACE NAME [FLAGS...]: the Fig. 14 command, its results
 "rm_sweep", t.code_version())'
     nproc; } >"$results/machine.txt"
   cat "$results/machine.txt"
-  # --paper on: the space trains as the paper did, at a shortened schedule, so the paper's points belong beside ours.
+  # The paper's points are overlaid by default: the space trains as the paper did, at a shortened schedule.
   $py -m rm_sweep.tradeoff --space "$space_file" --store "$work/store-$name" --data "folder:$source_dir" \
-    --data-dir "$work/data" --out "$results/fig14.png" --paper on "$@" 2>&1 | tee "$results/tradeoff.log"
+    --data-dir "$work/data" --out "$results/fig14.png" "$@" 2>&1 | tee "$results/tradeoff.log"
   for table in models matrix ensembles; do
     if [ -d "$work/store-$name/$table" ]; then cp -r "$work/store-$name/$table" "$results/"; fi
   done

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 
 from rm_sweep import cli
 from rm_sweep.errors import UserError, cli_main
-from rm_sweep.figures import draw_fig14, fig14_rows, fig14_summary, fig14_table, is_paper_setting
+from rm_sweep.figures import draw_fig14, fig14_rows, fig14_summary, fig14_table, training_scale
 from rm_sweep.gallery import IMAGES, draw_gallery, gallery_html, make_gallery
 from rm_sweep.heatmaps import column_label, draw_heatmap, heatmap_grid, heatmap_pairs
 from rm_sweep.paper_results import fig14_points
@@ -109,7 +109,7 @@ def _fig14(store: Store, figures: Path, report: Report) -> tuple[str, str]:
                 "onto single ResNet-18s with only random shallow masks (search_spaces/quick.yaml makes some).")
         return f"<p>{html.escape(text)}</p>", text + "\n"
     summary = fig14_summary(rows)
-    paper = fig14_points() if is_paper_setting(store, rows) else None
+    paper = fig14_points() if training_scale(store, rows) != "demo" else None
     draw_fig14(summary, figures / "fig14.png", rows=rows, paper=paper,
                title="Fig. 14: ResNet-18 with shallow Random Mask, black-box from a normal ResNet-18")
     report.fig14 = True

@@ -7,6 +7,7 @@ matrix, figure, then a rerun from the store) is the slow test at the end.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import scipy.stats
 
 from rm_sweep import tradeoff
 from rm_sweep.errors import UserError
-from rm_sweep.figures import draw_fig14, fig14_rows, fig14_summary, is_paper_setting
+from rm_sweep.figures import draw_fig14, fig14_rows, fig14_summary, training_scale
 from rm_sweep.paper_results import fig14_points, read_table, tables8_12
 from rm_sweep.spaces import SearchSpace, load_space
 from rm_sweep.store import Store
@@ -139,7 +140,7 @@ def test_paper_columns_are_printed_only_when_asked_or_comparable(
         filled: tuple[SearchSpace, Store, Path], tmp_path: Path, capsys: pytest.CaptureFixture, flag: str,
         overlaid: bool) -> None:
     space, store, _ = filled
-    assert not is_paper_setting(store, fig14_rows(store, space))  # width 0.125, a toy data set: "auto" is off
+    assert training_scale(store, fig14_rows(store, space)) == "demo"  # width 0.125, a toy data set: "auto" is off
     tradeoff.main(["--space", space.path, "--store", store.uri, "--out", str(tmp_path / "fig.png"), "--paper", flag])
     assert ("paper PGD defense" in capsys.readouterr().out) == overlaid
 
@@ -224,3 +225,33 @@ def test_end_to_end_then_from_the_store(tmp_path: Path, data_dir: Path, capfd: p
     assert "Ray not started" in capfd.readouterr().out
     assert len(store.matrix()) == 2
     assert not math.isnan(store.matrix()["defense_rate"].sum())
+
+
+class _StoredModels:
+    """Stands in for a store: only its ``models`` table is read."""
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self.frame = frame
+
+    def models(self) -> pd.DataFrame:
+        return self.frame
+
+
+@pytest.mark.parametrize("dataset, width, subset, recipe, overrides, scale", [
+    ("cifar10", 1.0, None, "paper", {}, "paper"),
+    ("folder:cifar10-jpeg", 1.0, None, "paper", {}, "paper"),
+    ("cifar10", 1.0, None, "paper", {"epochs": 40}, "shortened"),
+    ("cifar10", 1.0, None, "paper", {"epochs": 40, "lr": 0.05}, "demo"),
+    ("cifar10", 0.25, None, "paper", {}, "demo"),
+    ("cifar10", 1.0, 5000, "paper", {}, "demo"),
+    ("cifar10", 1.0, None, "quick", {}, "demo"),
+    ("mnist", 1.0, None, "paper", {}, "demo"),
+])
+def test_training_scale_says_how_close_to_the_papers_training(dataset: str, width: float, subset: int | None,
+                                                              recipe: str, overrides: dict, scale: str) -> None:
+    paper_like = {"dataset": "cifar10", "width": 1.0, "train_subset": None, "recipe": "paper", "config": "{}"}
+    this = {"dataset": dataset, "width": width, "train_subset": subset, "recipe": recipe,
+            "config": json.dumps({"recipe_overrides": overrides})}
+    frame = pd.DataFrame([{"model_id": "a", **paper_like}, {"model_id": "b", **this}])
+    assert training_scale(_StoredModels(frame), pd.DataFrame({"target_id": ["a", "b"]})) == scale
+    assert training_scale(_StoredModels(frame), pd.DataFrame({"target_id": ["a"]})) == "paper"
