@@ -2,6 +2,8 @@
 the Ray address a command joins. Nothing here starts Ray."""
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import rm_sweep.__main__ as entry
 from rm_sweep import cli, matrix, pipeline, sweep, tradeoff
 from rm_sweep.errors import cli_main
 from rm_sweep.orchestration.values import SweepResult
-from scaffold import run_command, write_space
+from scaffold import ROOT, run_command, write_space
 
 HEAD = "10.0.0.1:6379"  # what ray job submit puts in a job driver's RAY_ADDRESS: the head's GCS
 
@@ -99,3 +101,17 @@ def test_every_pipeline_command_joins_ray_address(tmp_path: Path, monkeypatch: p
     sweep.main([str(space), "--store", str(tmp_path / "store"), "--quiet"])
     assert calls == [HEAD]
 
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(tmp_path: Path) -> None:
+    """``rm-sweep query ... | head``: when the reader has gone, the command stops without a traceback."""
+    (tmp_path / "store").mkdir()
+    reader, writer = os.pipe()
+    os.close(reader)  # gone before the first line: the first write fails, whatever the timing
+    try:
+        done = subprocess.run([sys.executable, "-m", "rm_sweep.query", "--store", str(tmp_path / "store"), "--format",
+                               "csv", "--sql", "SELECT range AS n FROM range(3000)"], cwd=ROOT, stdout=writer,
+                              stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    finally:
+        os.close(writer)
+    assert done.returncode == 141 and done.stderr == b""
