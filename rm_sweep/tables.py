@@ -34,7 +34,8 @@ MODELS_SCHEMA = _schema({
     "model_id": STRING, "architecture": STRING, "width": FLOAT, "dataset": STRING, "train_subset": INT,
     "test_subset": INT, **_MASK, "seed": INT, "mask_seed": INT, "recipe": STRING, "epochs": INT,
     "clean_accuracy": FLOAT, "train_accuracy": FLOAT, "train_loss": FLOAT, "train_seconds": FLOAT,
-    "parameters": INT, "checkpoint": STRING, "config": STRING, "code_version": STRING, "created_at": TIME,
+    "parameters": INT, "checkpoint": STRING, "config": STRING, "device": STRING, "code_version": STRING,
+    "created_at": TIME,
 })
 ENSEMBLES_SCHEMA = _schema({
     "ensemble_id": STRING, "members": pa.list_(STRING), "combine": STRING, "n_members": INT, "architecture": STRING,
@@ -81,7 +82,7 @@ def model_row(spec: ModelSpec, metrics: Mapping[str, Any], parameters: int, chec
 
     Args:
         spec: what was trained. metrics: ``rm_sweep.train.fit``'s result (``clean_accuracy``,
-            ``epochs``; ``train_accuracy``, ``train_loss``, ``train_seconds`` when known).
+            ``epochs``; ``train_accuracy``, ``train_loss``, ``train_seconds``, ``device`` when known).
         parameters: trainable parameters of the network. checkpoint: the checkpoint's URI.
     """
     missing = [k for k in ("clean_accuracy", "epochs") if k not in metrics]
@@ -107,6 +108,7 @@ def model_row(spec: ModelSpec, metrics: Mapping[str, Any], parameters: int, chec
         "parameters": parameters,
         "checkpoint": checkpoint,
         "config": canonical_json(spec.to_dict()),
+        "device": metrics.get("device"),
         "code_version": code_version(),
         "created_at": now(),
     }

@@ -48,6 +48,11 @@ def resolve_device(device: torch.device | str | None = None) -> torch.device:
     return device
 
 
+def device_name(device: torch.device) -> str:
+    """What a result records it ran on: the GPU's name (``NVIDIA H200``) or ``cpu``."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def compiles_by_default(device: torch.device) -> bool:
     """What ``fit(compile=None)`` does on ``device``: compile on CUDA, not on the CPU."""
     return device.type == "cuda"
@@ -227,7 +232,7 @@ def fit(
         bar.close()
         model.to(memory_format=torch.contiguous_format)
     final = history[-1]
-    return {**final, "clean_accuracy": final["test_accuracy"], "epochs": recipe.epochs, "device": str(device)}
+    return {**final, "clean_accuracy": final["test_accuracy"], "epochs": recipe.epochs, "device": device_name(device)}
 
 
 def _json_roundtrip(obj: Any) -> Any:
@@ -318,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["compile_for_training", "compiles_by_default", "evaluate_accuracy", "fit",
+__all__ = ["compile_for_training", "compiles_by_default", "device_name", "evaluate_accuracy", "fit",
            "resolve_device", "train_epoch"]
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import scipy.stats
 
+import rm_sweep
 from rm_sweep import tradeoff
 from rm_sweep.errors import UserError
 from rm_sweep.figures import draw_fig14, fig14_rows, fig14_summary, training_scale
@@ -220,6 +221,9 @@ def test_end_to_end_then_from_the_store(tmp_path: Path, data_dir: Path, capfd: p
         assert chatter not in first.out + first.err
     store = Store(tmp_path / "store")
     assert len(store.models()) == 2 and len(store.matrix()) == 2
+    # Each row says where and by which code it was made.
+    assert set(store.models()["device"]) == {"cpu"}
+    assert all(v.startswith(rm_sweep.__version__) for v in store.models()["code_version"])
     assert (tmp_path / "fig14.png").read_bytes().startswith(PNG_SIGNATURE)
     assert tradeoff.main(args) == 0
     assert "Ray not started" in capfd.readouterr().out
