@@ -84,11 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     space_path = Path(args.space) if args.space else default_space()
     space = load_space(space_path, data=args.data)
     store = Store(args.store)
-    check_png_path(args.out)  # before hours of work, not after
+    check_png_path(cli.output_file(args.out, make_parent=True))  # before hours of work, not after
     if not fig14_cells(space):
         raise UserError(f"{space_path}: no Fig. 14 cells (black-box madry_fgsm / madry_pgd from a normal resnet18 "
                         "onto resnet18 targets with shallow masks); see search_spaces/fig14.yaml")
     done = pipeline.complete(space, store, address=args.address, data_dir=args.data_dir)
+    cli.print_damaged(done.damaged, trained=True)
     rows = fig14_rows(store, space)
     summary = fig14_summary(rows)
     paper_scale = is_paper_setting(store, rows)
