@@ -65,7 +65,8 @@ class Storage:
                 raise cannot_read(reading, exc) from None
             if not self.local and ("NETWORK_CONNECTION" in text or "curlCode" in text):
                 raise UserError(f"store {self.uri}: cannot reach the endpoint {self.endpoint()} ({text})") from None
-            raise UserError(f"store {self.uri}: cannot {action}: {exc.strerror or text}") from None
+            reason = "Permission denied" if isinstance(exc, PermissionError) else exc.strerror or text
+            raise UserError(f"store {self.uri}: cannot {action}: {reason}") from None
 
     def endpoint(self) -> str:
         """The S3 endpoint requests go to: the URI's ``endpoint_override``, the AWS environment's,
