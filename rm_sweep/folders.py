@@ -41,10 +41,11 @@ def fingerprint(root: Path) -> dict:
     Replacing an image in place, even by one of the same size with its old modification time
     restored (``touch -r``, ``cp -p``, ``rsync -t``, an archive extracted again), changes the
     file's status-change time, which no user-space tool can set: the key changes without
-    reading a byte of any image. Measured on the 60,000-JPEG CIFAR-10 folder: one ``stat`` per
-    file, 0.3-2 s per load on a 2-core machine (the old per-directory key: milliseconds), where
-    hashing the images' content would read 55 MB and take 6.6 s warm and 30 s cold, about what
-    decoding them takes (benchmarks/README.md).
+    reading a byte of any image. On the 60,000-JPEG CIFAR-10 folder (benchmarks/README.md): 0.47 s
+    per load on a quiet 2-core machine (the old per-directory key: milliseconds), where hashing
+    the 55 MB of images takes 1.3 s with the files in the page cache, 6.6 s on a loaded machine
+    and 30 s cold, and decoding them (a cache miss) 11 s. Every Ray worker loads the data set,
+    so the key is paid once per trial.
     """
     digest = hashlib.sha256()
     count = 0
