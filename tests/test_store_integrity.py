@@ -16,13 +16,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from rm_sweep import query
+from rm_sweep.data import load_dataset
 from rm_sweep.atomic import atomic_write_bytes
 from rm_sweep.errors import UserError
+from rm_sweep.spaces import load_space
 from rm_sweep.spec import EnsembleSpec
 from rm_sweep.store import NOT_STORED, Store
 from rm_sweep.tables import MATRIX_SCHEMA, MODELS_SCHEMA
 from scaffold import DUMMY_AWS, ROOT, closed_port, run_command, without_file_override
-from tinystore import add_models, matrix_rows
+from tinystore import add_models, matrix_rows, metrics, space_file, write_tinted_folder
 
 
 @pytest.fixture
@@ -116,6 +118,31 @@ def test_a_model_whose_checkpoint_is_gone_or_damaged_counts_as_missing(filled: t
     assert not fresh.has_model(gone.model_id) and fresh.has_model(kept.model_id)
     with pytest.raises(UserError, match=f"no checkpoint for model {gone.model_id}; it counts as missing"):
         fresh.load_model(gone.model_id)
+
+
+def test_the_sweep_names_each_model_that_counts_as_missing(tmp_path: Path) -> None:
+    """``sweep --dry-run`` over a store whose checkpoint of one model was deleted and another's
+    cut short: one line per such model, and both listed as damaged (no Ray: a dry run)."""
+    folder = write_tinted_folder(tmp_path / "tinted", train=4, test=2)
+    space = load_space(space_file(tmp_path, folder, [{"name": "m", "seed": [0, 1, 2]}], [], epochs=1))
+    data = load_dataset(space.data, data_dir=tmp_path / "cache")
+    store = Store(tmp_path / "store")
+    for spec in space.models():
+        store.add_model(spec, metrics(), spec.create(data))
+    gone, cut, kept = (s.model_id for s in space.models())
+    (tmp_path / "store" / "checkpoints" / f"{gone}.pt").unlink()
+    path = tmp_path / "store" / "checkpoints" / f"{cut}.pt"
+    path.write_bytes(path.read_bytes()[:100])
+    proc = run_command("rm_sweep.sweep", str(tmp_path / "tiny.yaml"), "--store", str(tmp_path / "store"), "--dry-run",
+                       env={"RM_SWEEP_DATA_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"tiny: 1 of 3 models in {tmp_path / 'store'}"
+    assert f"model {gone}: its checkpoint is missing; it counts as missing: the next sweep trains it again" in lines
+    assert f"model {cut}: its checkpoint is damaged (not a whole torch file); it counts as missing: the next sweep " \
+           "trains it again" in lines
+    status = {line.split()[0]: line.split()[-3] for line in lines if line.split()[0] in (gone, cut, kept)}
+    assert status == {gone: "damaged", cut: "damaged", kept: "stored"}
 
 
 @pytest.mark.parametrize("umask, mode", [(0o002, 0o664), (0o022, 0o644), (0o077, 0o600)])
