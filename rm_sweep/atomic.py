@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a resumed run) never sees half a file."""
+"""Atomic file writes: a reader (or a resumed run) never sees half a file, and the file gets the
+permissions the writer's umask gives any new file (a store shared by a group stays readable)."""
 from __future__ import annotations
 
 import io
@@ -10,14 +11,39 @@ from typing import Any
 import torch
 
 
+def umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` can only be read by setting
+    it, which races with threads creating files)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc (not Linux): the classic read
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the umask."""
+    return 0o666 & ~umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``.
+
+    ``tempfile.mkstemp`` creates its file 0600 (private to the writer); it is given the mode a
+    plain ``open()`` would have before the rename, so group members read what anyone writes.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            os.fchmod(f.fileno(), file_mode())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -18,16 +18,17 @@ from rm_sweep.errors import UserError
 def number(value: Any, what: str, *, integer: bool = False) -> int | float:
     """``value`` as a finite float (or an int), rejecting bools, text, NaN and infinities.
 
-    YAML 1.1 reads ``5e-4`` (no dot) as text: such text is named as the likely cause.
+    YAML 1.1 reads ``5e-4`` (no dot) and ``1.0e23`` (no sign) as text: such text is named as the
+    likely cause, with the number written as YAML reads it.
     """
     if isinstance(value, str):
         try:
-            float(value)
+            parsed = float(value)
         except ValueError:
             pass
         else:
-            raise UserError(f"{what}: {value!r} is text, not a number "
-                            "(YAML needs a dot in exponents: write e.g. 5.0e-4)")
+            raise UserError(f"{what}: {value!r} is text, not a number (YAML reads an exponent only after a dot "
+                            f"and with a sign: write {_yaml_float(parsed)})")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UserError(f"{what} must be a number, got {value!r}")
     if not math.isfinite(value):
@@ -59,10 +60,10 @@ def positive_int(value: Any, what: str) -> int:
 
 def seed(value: Any, what: str = "seed") -> int:
     """A random seed: an integer in [0, 2**63), what torch's and NumPy's generators take."""
-    value = number(value, what, integer=True)
-    if not 0 <= value < 2**63:
+    checked = number(value, what, integer=True)
+    if not 0 <= checked < 2**63:
         raise UserError(f"{what} must be an integer in [0, 2**63), got {value!r}")
-    return int(value)
+    return int(checked)
 
 
 def ratio(value: Any, what: str) -> float:
@@ -88,6 +89,15 @@ def known_fields(fields: Mapping[str, Any], known: Iterable[str], where: str = "
             path = f"{where}.{key}" if where else str(key)
             raise UserError(f"{path}: unknown field ({_hint(key, known)})")
     return fields
+
+
+def _yaml_float(value: float) -> str:
+    """``value`` as YAML 1.1 reads a float: 5.0e-4, 1.0e+23, 0.5."""
+    if not math.isfinite(value) or value == 0 or 1e-3 <= abs(value) < 1e6:
+        return {math.inf: ".inf", -math.inf: "-.inf"}.get(value, ".nan" if value != value else repr(value))
+    mantissa, exponent = f"{value:e}".split("e")
+    mantissa = mantissa.rstrip("0")
+    return f"{mantissa}{'0' if mantissa.endswith('.') else ''}e{int(exponent):+d}"
 
 
 def _hint(value: Any, choices: Collection[str]) -> str:

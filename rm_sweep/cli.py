@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from rm_sweep import checks
@@ -98,6 +100,30 @@ def print_table(frame: pd.DataFrame) -> None:
     print(frame.to_string(index=False, na_rep="-", float_format=lambda x: f"{x:.4g}") if len(frame) else "(none)")
 
 
+def output_file(text: str, flag: str = "--out", *, make_parent: bool = False) -> Path:
+    """A file a command will write: not a directory, in a directory that exists (or, with
+    ``make_parent``, can be created). Checked before any work, so a typo costs a second."""
+    path = Path(text)
+    if path.is_dir():
+        raise UserError(f"{flag} {text} is a directory; give a file name")
+    parent = path.parent
+    while make_parent and not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        problem = "is not a directory" if parent.exists() else "does not exist"
+        raise UserError(f"{flag} {text}: {parent} {problem}")
+    return path
+
+
+def print_damaged(damaged: Mapping[str, str], *, trained: bool) -> None:
+    """One line per stored model whose checkpoint is missing or damaged (``Store.unusable``):
+    such a model counts as missing."""
+    then = "it counted as missing and was trained again" if trained else \
+        "it counts as missing: the next sweep trains it again"
+    for model_id, reason in damaged.items():
+        print(f"model {model_id}: {reason}; {then}")
+
+
 def add_pipeline(p: argparse.ArgumentParser) -> None:
     """The flags of every command that fills a store from a search space: store, cluster, data,
     console output (``--quiet``/``--verbose``, read with ``verbosity``) and ``--mlflow``."""
@@ -137,4 +163,4 @@ def verbosity(args: argparse.Namespace) -> int:
 
 
 __all__ = ["Parser", "add_cluster", "add_data", "add_pipeline", "add_store", "count", "default_address", "mlflow_uri",
-           "parser", "positive", "print_table", "seed", "space_and_store", "verbosity"]
+           "output_file", "parser", "positive", "print_damaged", "print_table", "seed", "space_and_store", "verbosity"]

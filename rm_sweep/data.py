@@ -10,28 +10,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from rm_sweep import folders
 from rm_sweep.atomic import atomic_torch_save
 from rm_sweep.errors import UserError
 from rm_sweep.recipes import AUGMENTATIONS
 from rm_sweep.spec import DataSpec, parse_data_spec
 
-if TYPE_CHECKING:
-    from torchvision.io import ImageReadMode
-
 CROP_PADDING = 4
-_CACHE_FORMAT = "rm_sweep.data_cache/1"
+_CACHE_FORMAT = "rm_sweep.data_cache/2"  # 2: folder keys by file; channels by every image
 
 
 def default_data_dir() -> Path:
@@ -193,30 +187,18 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _cache_key(spec: DataSpec, data_dir: Path) -> dict:
-    """What the cached arrays depend on. For folders: the resolved path and the modification
-    times of the split and class directories (adding or removing files changes them)."""
+    """What the cached arrays depend on: for folders, ``folders.fingerprint`` (every file's
+    name, size and times); for downloaded data sets, the spec and where they are downloaded."""
     if spec.path is None:
         return {"spec": str(spec), "root": str(data_dir.resolve())}
-    root = _check_folder(Path(spec.path))
-    dirs = [root / s for s in ("train", "test")]
-    dirs += sorted(c for d in list(dirs) for c in d.iterdir() if c.is_dir())
-    return {"spec": spec.kind, "path": str(root), "mtimes": [[str(d.relative_to(root)), d.stat().st_mtime_ns] for d in dirs]}
-
-
-def _check_folder(path: Path) -> Path:
-    if not path.is_dir():
-        raise UserError(f"data folder {path} does not exist")
-    for split in ("train", "test"):
-        if not (path / split).is_dir():
-            raise UserError(f"data folder {path} has no {split}/ subfolder (expected {split}/<class>/<image>)")
-    return path.resolve()
+    return folders.fingerprint(folders.check_folder(Path(spec.path)))
 
 
 def _decode(spec: DataSpec, data_dir: Path) -> dict:
     # The decoders import torchvision themselves, so only a cache miss pays for it (~1 s of
     # CPU, otherwise paid by every Ray worker that merely loads the cached arrays).
     if spec.kind == "folder":
-        return _decode_folder(Path(spec.path))
+        return folders.decode(Path(spec.path))
     return _decode_torchvision(spec.kind, data_dir)
 
 
@@ -241,59 +223,6 @@ def _decode_torchvision(kind: str, data_dir: Path) -> dict:
         out[f"{name}_x"] = x.permute(0, 3, 1, 2).contiguous() if x.ndim == 4 else x.unsqueeze(1).contiguous()
         out[f"{name}_y"] = torch.as_tensor(ds.targets, dtype=torch.int64)
     return out
-
-
-def _decode_folder(path: Path) -> dict:
-    """Decode an ImageFolder's train/ and test/ into uint8 arrays (grayscale if its images are)."""
-    import torchvision
-    from torchvision.io import ImageReadMode
-
-    root = _check_folder(path)
-    try:
-        splits = {s: torchvision.datasets.ImageFolder(root / s, loader=str) for s in ("train", "test")}
-    except FileNotFoundError as exc:  # no class folders, or a class folder without images
-        raise UserError(f"data folder {path}: {' '.join(str(exc).split())}") from None
-    if splits["train"].classes != splits["test"].classes:
-        raise UserError(f"data folder {path}: train/ and test/ have different class folders")
-    with _quiet_decoder():
-        first = _read_image(splits["train"].samples[0][0], ImageReadMode.UNCHANGED)
-        channels, height, width = (1 if first.shape[0] == 1 else 3), first.shape[1], first.shape[2]
-        if height != width:
-            raise UserError(f"data folder {path}: images are {height}x{width}; square images are required")
-        mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-        out: dict = {"classes": list(splits["train"].classes)}
-        total = sum(len(ds) for ds in splits.values())
-        with tqdm(total=total, desc=f"decoding {path.name}", unit="img", leave=False, disable=None) as bar:
-            for name, ds in splits.items():
-                images = []
-                for file, _ in ds.samples:
-                    images.append(_read_image(file, mode))
-                    if images[-1].shape != (channels, height, width):
-                        raise UserError(f"{file} is {images[-1].shape[1]}x{images[-1].shape[2]}, "
-                                        f"other images are {height}x{width}")
-                    bar.update()
-                out[f"{name}_x"] = torch.stack(images)
-                out[f"{name}_y"] = torch.tensor(ds.targets, dtype=torch.int64)
-    return out
-
-
-def _read_image(file: str, mode: ImageReadMode) -> torch.Tensor:
-    from torchvision.io import decode_image, read_file
-
-    try:
-        return decode_image(read_file(file), mode=mode)
-    except RuntimeError as exc:
-        raise UserError(f"cannot decode image {file}: {str(exc).splitlines()[0]}") from None
-
-
-@contextmanager
-def _quiet_decoder() -> Iterator[None]:
-    """torchvision's decoder is ~4x faster than Pillow (60,000 CIFAR JPEGs in ~10 s on one core).
-    torchvision 0.29 deprecates it in favour of torchcodec and warns on every call; the project
-    pins torchvision 0.29, so that warning is silenced while decoding."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
-        yield
 
 
 class DeviceLoader:

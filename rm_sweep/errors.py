@@ -10,6 +10,16 @@ class UserError(ValueError):
     """Bad input a user can fix: the message names the problem in one line."""
 
 
+def cannot_read(what: str, exc: OSError) -> UserError:
+    """The error for a file that exists but cannot be read (permissions, I/O): one line that
+    names it and the reason, and never advises deleting it: the file may be fine, and another
+    member of the group may need it."""
+    reason = exc.strerror or str(exc).splitlines()[0] or type(exc).__name__
+    if isinstance(exc, PermissionError):  # pyarrow's carry a long message as their strerror
+        reason = "Permission denied (its owner can make it readable to the group: chmod g+r; see docs/security.md)"
+    return UserError(f"cannot read {what}: {reason}")
+
+
 def cli_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> NoReturn:
     """Run a command's `main(argv)`, turning `UserError` into `error: ...` and exit status 2.
 

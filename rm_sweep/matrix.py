@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                             gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size)
     done = pipeline.complete(space, store, address=args.address, data_dir=args.data_dir, options=options,
                              verbose=cli.verbosity(args), mlflow=args.mlflow)
+    cli.print_damaged(done.damaged, trained=True)
     if done.matrix is None:
         trained = f"trained {done.models_trained} model(s); " if done.models_trained else ""
         print(f"{space.name}: {trained}all {len(space.cells)} matrix cells are in {store.uri}")

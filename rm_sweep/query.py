@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
-import pyarrow.fs as pafs
+import pyarrow as pa
 
 from rm_sweep import cli, sql_engine
 from rm_sweep.errors import UserError, cli_main
@@ -38,7 +38,7 @@ from rm_sweep.protocols import PROTOCOLS
 from rm_sweep.spec import paper_label
 from rm_sweep.stats import with_intervals
 from rm_sweep.store import Store
-from rm_sweep.tables import TABLES
+from rm_sweep.tables import MATRIX_SCHEMA, TABLES
 
 FORMATS = ("table", "csv", "markdown", "latex", "parquet")
 _COUNTS = ("n_crafted", "n_fooled_source", "n_evaluated", "n_defended")
@@ -193,9 +193,11 @@ def pivot(store: Store | str, setting: str, *, protocol: str = "black", value: s
             counts summed, the rate recomputed) instead of being an error.
     """
     store = _store(store)
+    numeric = [f.name for f in MATRIX_SCHEMA if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)]
+    if value not in (*numeric, *_RATES):
+        raise UserError(f"--value {value!r} is not a number column of the matrix; use defense_rate, ci_low, ci_high "
+                        f"or a count column ({', '.join(c for c in numeric if c.startswith('n_'))})")
     matrix = filter_frame(read(store, "matrix"), [f"attack={setting}", f"protocol={protocol}", *where])
-    if value not in matrix.columns:
-        raise UserError(f"unknown value column {value!r}; use defense_rate or a count column")
     if not len(matrix):
         raise UserError(f"the store has no {protocol} cells for {setting}{' with ' + ' '.join(where) if where else ''}")
     columns = "source_id" if PROTOCOLS[protocol].crafts else "attack_params"
@@ -359,8 +361,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    if args.out is not None:
+        cli.output_file(args.out)
     store = Store(args.store)
-    if store.filesystem.get_file_info(store.path()).type == pafs.FileType.NotFound:
+    if not store.exists():
         raise UserError(f"no store at {args.store} (run python -m rm_sweep.tradeoff or rm_sweep.sweep first)")
     if args.sql is not None:
         if args.what is not None:

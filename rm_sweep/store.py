@@ -16,9 +16,16 @@ at all: locally it is written to a hidden temporary file in the same directory a
 S3 it is one upload, which S3 makes visible only when complete. Readers skip names starting with
 ``.`` or ``_`` (pyarrow's convention), so a temporary file is never read as data.
 
+Readers check every file: one that lacks a column of its table or holds one of another type is
+named in one line (``tables.problem``), and a fact found in several files (a copied file) is read
+once (``tables.deduplicate``). A model counts as stored only with a checkpoint that is present
+and whole (``Store.unusable``, the one rule behind ``missing``). Files get the permissions the
+writer's umask gives (``rm_sweep.atomic``); one that cannot be read is named, never deleted.
+
 Writers: any number of processes may add models and ensembles at once (files never collide). The
 matrix check "is this cell new?" reads the table first, so one process at a time should add
-matrix rows (the matrix command's driver does).
+matrix rows (the matrix command's driver does). Who trains which model is settled by leases
+(``rm_sweep.leases``).
 """
 from __future__ import annotations
 
@@ -26,10 +33,11 @@ import dataclasses
 import hashlib
 import io
 import os
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pandas as pd
 import pyarrow as pa
@@ -38,14 +46,14 @@ import pyarrow.parquet as pq
 from torch import nn
 
 from rm_sweep import checks, tables
-from rm_sweep.atomic import atomic_write_bytes
 from rm_sweep.errors import UserError
 from rm_sweep.masks import MaskConfig
 from rm_sweep.models import checkpoint_bytes, count_parameters, load_checkpoint
 from rm_sweep.spec import MATRIX_KEY, EnsembleSpec, ModelSpec, canonical_json, matrix_key
-from rm_sweep.uris import is_uri, resolve_uri
+from rm_sweep.storage import Storage
 
 RUN_DIR = "_ray"  # Ray's run storage inside the store; "_" hides it from Parquet readers
+NOT_STORED = "not in the store"  # what ``Store.unusable`` says of a model without a row
 
 
 def default_store_uri() -> str:
@@ -56,51 +64,47 @@ def default_store_uri() -> str:
 class Store:
     """The store at ``uri``: a local directory (created on first write) or an ``s3://`` URI.
 
-    Reading methods return pandas DataFrames with the table's columns, empty when the table has
-    no file yet. A file that is not valid Parquet raises ``UserError`` naming it; nothing is
-    deleted or rewritten because of it.
+    Reading methods return pandas DataFrames with the table's columns, one row per fact, empty
+    when the table has no file yet. A file that is not valid Parquet, not a file of its table, or
+    not readable raises ``UserError`` naming it; nothing is deleted or rewritten because of it.
+    Every file operation fails in one line (``files``: ``rm_sweep.storage.Storage``).
     """
 
     def __init__(self, uri: str | os.PathLike) -> None:
-        uri = os.fspath(uri)
-        if not uri:
-            raise UserError("the store needs a location: a directory or an s3:// URI")
-        self.uri = uri
-        self._fs, root = resolve_uri(uri)
-        parts = urlsplit(uri) if is_uri(uri) else None
-        self._scheme = parts.scheme if parts else ""
-        self._query = f"?{parts.query}" if parts and parts.query else ""
-        self._root = root.rstrip("/")
-        self._local = isinstance(self._fs, pafs.LocalFileSystem)
+        self.uri = os.fspath(uri)
+        self.files = Storage(self.uri)
         # Parquet files are immutable once written (a model file is only ever replaced by the
-        # same fact), so each is read once per Store and kept, keyed by path, size and mtime.
+        # same fact), so each is read (and each checkpoint checked) once per Store, keyed by
+        # path, size and mtime.
         self._cache: dict[tuple[str, int, Any], pa.Table] = {}
+        self._checked: dict[tuple[str, int, Any], str | None] = {}
 
     def __repr__(self) -> str:
         return f"Store({self.uri!r})"
 
     # -- locations -----------------------------------------------------------------------------
     @property
+    def is_local(self) -> bool:
+        """Whether the store is a local directory (else an object store: no atomic rename)."""
+        return self.files.local
+
+    @property
     def filesystem(self) -> pafs.FileSystem:
         """The pyarrow filesystem the store lives on (paths on it: ``path(...)``)."""
-        return self._fs
+        return self.files.fs
 
     def path(self, *parts: str) -> str:
         """A path inside the store on ``filesystem`` (no scheme)."""
-        return "/".join([self._root, *parts])
+        return self.files.path(*parts)
 
     def location(self, *parts: str) -> str:
         """The URI of a path inside the store, as a reader elsewhere would open it: a local
         absolute path, or ``s3://bucket/prefix/...`` followed by the store's query (endpoint)."""
-        if self._local:
-            return self.path(*parts)
-        return f"{self._scheme}://{self.path(*parts)}{self._query}"
+        return self.files.display(self.path(*parts)) + ("" if self.is_local else self.files.query)
 
     def checkpoint_location(self, model_id: str) -> str:
         """Where the model's checkpoint lives (the URI recorded in its ``models`` row)."""
-        if self._local:
-            return self.path("checkpoints", f"{model_id}.pt")
-        return f"{self._scheme}://{self.path('checkpoints', model_id + '.pt')}"
+        return self.files.display(self.path("checkpoints", f"{model_id}.pt"))
 
     def run_location(self, *parts: str) -> str:
         """Where Ray keeps its run state (``STORE/_ray/...``): shared storage on a cluster, so a
@@ -108,19 +112,67 @@ class Store:
         Train's JSON snapshots are read back from it (docs/security.md)."""
         return self.location(RUN_DIR, *parts)
 
+    def training_runs(self) -> list[str]:
+        """Model ids that have a Ray Train run (``_ray/train/<model_id>``: checkpoints of an
+        unfinished training)."""
+        return [i.base_name for i in self.files.listing(self.path(RUN_DIR, "train"))
+                if i.type == pafs.FileType.Directory]
+
     def remove_training_state(self, model_id: str) -> None:
-        """Delete a stored model's Ray Train run (``_ray/train/<model_id>``): once the model is in
-        the store its training state is of no further use."""
-        path = self.path(RUN_DIR, "train", model_id)
-        if self._fs.get_file_info(path).type == pafs.FileType.Directory:
-            self._fs.delete_dir(path)
+        """Delete a model's Ray Train run (``_ray/train/<model_id>``): once the model is in the
+        store its training state is of no further use."""
+        self.files.delete(self.path(RUN_DIR, "train", model_id))
+
+    def exists(self) -> bool:
+        """Whether anything is stored (locally: the directory exists)."""
+        return self.files.info(self.path()).type != pafs.FileType.NotFound
+
+    def check_writable(self) -> None:
+        """Fail now, in one line, unless this process can write the store (``Storage.check_writable``),
+        before any work whose results would have nowhere to go."""
+        self.files.check_writable()
 
     # -- reading -------------------------------------------------------------------------------
     def missing(self, specs: Sequence[ModelSpec]) -> list[ModelSpec]:
-        """The specs (in order) whose model the store does not hold: the one rule for "what is
-        left to train", used by every command."""
-        stored = self.model_ids()
-        return [s for s in specs if s.model_id not in stored]
+        """The specs (in order) whose model the store cannot serve (``unusable``): the one rule
+        for "what is left to train", used by every command."""
+        unusable = self.unusable([s.model_id for s in specs])
+        return [s for s in specs if s.model_id in unusable]
+
+    def unusable(self, model_ids: Iterable[str]) -> dict[str, str]:
+        """Why each model of ``model_ids`` that the store cannot serve is unusable: ``NOT_STORED``
+        (no ``models`` row), or a row whose checkpoint is missing, empty or not a whole torch
+        file (checked by its zip directory, a few KB read from its end). Such a model counts as
+        missing: the next sweep trains it again and replaces the row. A checkpoint that exists but
+        may not be read (permissions) is an error, not a reason to retrain."""
+        model_ids = list(dict.fromkeys(model_ids))
+        rows = self.model_ids()
+        checkpoints = {Path(i.path).stem: i for i in self._infos("checkpoints", ".pt")}
+        out = {m: NOT_STORED for m in model_ids if m not in rows}
+        present = [checkpoints[m] for m in model_ids if m in rows and m in checkpoints]
+        out.update({m: "its checkpoint is missing" for m in model_ids if m in rows and m not in checkpoints})
+        with ThreadPoolExecutor(1 if self.is_local else 16) as pool:  # S3: one request each, in parallel
+            for info, problem in zip(present, pool.map(self._checkpoint_problem, present)):
+                if problem:
+                    out[Path(info.path).stem] = f"its checkpoint is {problem}"
+        return {m: out[m] for m in model_ids if m in out}
+
+    def _checkpoint_problem(self, info: pafs.FileInfo) -> str | None:
+        key = (info.path, info.size, info.mtime_ns)
+        if key not in self._checked:
+            self._checked[key] = self._zip_problem(info)
+        return self._checked[key]
+
+    def _zip_problem(self, info: pafs.FileInfo) -> str | None:
+        if not info.size:
+            return "empty"
+        try:
+            what = f"checkpoint {self.files.display(info.path)}"
+            with self.files.errors(f"read {what}", reading=what), self.filesystem.open_input_file(info.path) as f:
+                names = zipfile.ZipFile(f).namelist()
+        except zipfile.BadZipFile:
+            return "damaged (not a whole torch file)"
+        return None if any(n.endswith("/data.pkl") for n in names) else "damaged (not a torch file)"
 
     def models(self) -> pd.DataFrame:
         """One row per trained model (columns: ``MODELS_SCHEMA``), oldest first."""
@@ -139,7 +191,8 @@ class Store:
         return {Path(p).stem for p in self._files("models")}
 
     def has_model(self, model_id: str) -> bool:
-        return self._exists(self.path("models", f"{model_id}.parquet"))
+        """Whether the store can serve the model (``unusable`` names nothing)."""
+        return not self.unusable([model_id])
 
     def has_ensemble(self, ensemble_id: str) -> bool:
         return self._exists(self.path("ensembles", f"{ensemble_id}.parquet"))
@@ -152,9 +205,9 @@ class Store:
     def read_checkpoint_bytes(self, model_id: str) -> bytes:
         path = self.path("checkpoints", f"{model_id}.pt")
         if not self._exists(path):
-            raise UserError(f"store {self.uri} has no checkpoint for model {model_id}")
-        with self._fs.open_input_stream(path) as f:
-            return f.read()
+            raise UserError(f"store {self.uri} has no checkpoint for model {model_id}; it counts as missing: the "
+                            "next sweep trains it again")
+        return self.files.read(path, f"checkpoint {self.files.display(path)}")
 
     def load_model(self, model_id: str) -> nn.Module:
         """The trained model ``model_id``, on the CPU, in eval mode."""
@@ -240,14 +293,11 @@ class Store:
 
     # -- files ---------------------------------------------------------------------------------
     def _exists(self, path: str) -> bool:
-        return self._fs.get_file_info(path).type == pafs.FileType.File
+        return self.files.info(path).type == pafs.FileType.File
 
-    def _infos(self, table: str) -> list[pafs.FileInfo]:
-        selector = pafs.FileSelector(self.path(table), allow_not_found=True)
-        infos = [i for i in self._fs.get_file_info(selector)
-                 if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
-                 and not i.base_name.startswith((".", "_"))]
-        return sorted(infos, key=lambda i: i.path)
+    def _infos(self, directory: str, suffix: str = ".parquet") -> list[pafs.FileInfo]:
+        return [i for i in self.files.listing(self.path(directory)) if i.type == pafs.FileType.File
+                and i.base_name.endswith(suffix) and not i.base_name.startswith((".", "_"))]
 
     def _files(self, table: str) -> list[str]:
         return [i.path for i in self._infos(table)]
@@ -259,29 +309,35 @@ class Store:
         return self._table(table)
 
     def _table(self, table: str) -> pa.Table:
+        """Every file of ``table`` in its schema, one row per fact."""
         schema = tables.TABLES[table]
         parts = []
         for info in self._infos(table):
             key = (info.path, info.size, info.mtime_ns)
             if key not in self._cache:
-                self._cache[key] = tables.conform(self._read_parquet(info.path), schema)
+                self._cache[key] = self._read_file(table, info.path)
             parts.append(self._cache[key])
-        return pa.concat_tables(parts) if parts else schema.empty_table()
+        return tables.deduplicate(table, pa.concat_tables(parts)) if parts else schema.empty_table()
 
-    def _read_parquet(self, path: str) -> pa.Table:
+    def _read_file(self, table: str, path: str) -> pa.Table:
+        """A file of ``table`` in the table's schema; one line naming it if it is not one."""
         try:
-            return pq.read_table(path, filesystem=self._fs)
-        except (pa.ArrowException, OSError) as exc:
+            what = f"store file {self.files.display(path)}"
+            with self.files.errors(f"read {what}", reading=what):
+                data = pq.read_table(path, filesystem=self.filesystem)
+        except pa.ArrowException as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UserError(f"store file {self._display(path)} is not readable Parquet ({reason}); "
+            raise UserError(f"store file {self.files.display(path)} is not readable Parquet ({reason}); "
                             "move it out of the store (its fact will be recomputed)") from None
+        problem = tables.problem(table, data.schema)
+        if problem:
+            raise UserError(f"store file {self.files.display(path)} is not a {table} file: {problem}; move it out of "
+                            "the store")
+        return tables.conform(data, tables.TABLES[table])
 
     def _frame(self, table: str, order: list[str]) -> pd.DataFrame:
         frame = self._table(table).to_pandas()
         return frame.sort_values(order, kind="stable", ignore_index=True) if len(frame) else frame
-
-    def _display(self, path: str) -> str:
-        return path if self._local else f"{self._scheme}://{path}"
 
     def _write_table(self, path: str, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
         sink = pa.BufferOutputStream()
@@ -289,12 +345,7 @@ class Store:
         self._write(path, sink.getvalue().to_pybytes())
 
     def _write(self, path: str, data: bytes) -> None:
-        """Write ``data`` so readers see the whole file or none of it."""
-        if self._local:
-            atomic_write_bytes(path, data)
-        else:
-            with self._fs.open_output_stream(path) as f:
-                f.write(data)
+        self.files.write(path, data)
 
 
-__all__ = ["RUN_DIR", "Store", "default_store_uri"]
+__all__ = ["NOT_STORED", "RUN_DIR", "Store", "default_store_uri"]

@@ -3,9 +3,11 @@
     python -m rm_sweep.sweep quick --data folder:../shared/data/cifar10-jpeg     # a packaged space
     python -m rm_sweep.sweep my_space.yaml --store s3://bucket/rm --address auto
 
-Models already in the store are skipped; an interrupted sweep continues where it stopped when
-run again (each unfinished model from its last finished epoch). The search space is validated
-before Ray starts: a bad file costs one line and exit status 2.
+Models already in the store are skipped, and so are models another live run is training (its
+lease in the store): two sweeps on one store share the work. An interrupted sweep continues
+where it stopped when run again (each unfinished model from its last finished epoch). The search
+space, the data and the store (writable?) are checked before Ray starts: bad input costs one
+line and exit status 2.
 """
 from __future__ import annotations
 
@@ -13,6 +15,10 @@ import argparse
 
 from rm_sweep import cli, pipeline
 from rm_sweep.errors import cli_main
+from rm_sweep.leases import Leases, Owner
+from rm_sweep.orchestration.values import SweepResult
+from rm_sweep.spaces import SearchSpace
+from rm_sweep.store import NOT_STORED, Store
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,29 +39,56 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _dry_run(space: SearchSpace, store: Store) -> None:
+    missing = store.missing(space.models())
+    print(f"{space.name}: {len(space.models()) - len(missing)} of {len(space.models())} models in {store.uri}")
+    cli.print_table(pipeline.model_status(space, store))
+    unusable = store.unusable([s.model_id for s in missing])
+    cli.print_damaged({m: reason for m, reason in unusable.items() if reason != NOT_STORED}, trained=False)
+    leases = Leases(store.files, Owner.new())
+    for spec in missing:
+        lease = leases.held_elsewhere(spec.model_id)
+        if lease is not None:
+            print(f"model {spec.model_id}: {lease.describe()}")
+
+
+def _report(space: SearchSpace, store: Store, result: SweepResult) -> None:
+    if not result.trained and not result.failed and not result.unfinished and not result.leased:
+        print(f"{space.name}: {len(result.skipped)} of {len(space.models())} models in {store.uri}")
+    else:
+        print(f"\n{space.name}: {len(result.trained)} trained, {len(result.skipped)} already in {store.uri}, "
+              f"{len(result.failed)} failed, {len(result.leased)} leased by another run, "
+              f"{len(result.unfinished)} unfinished ({result.seconds:.0f} s)")
+    cli.print_table(pipeline.model_status(space, store, result))
+    cli.print_damaged(result.damaged, trained=True)
+    if result.removed_states:
+        print(f"deleted the leftover training state of {len(result.removed_states)} stored model(s) "
+              f"({', '.join(result.removed_states)})")
+    for model_id, reason in result.restarted.items():
+        print(f"model {model_id}: {reason}; trained from the start")
+    for model_id, lease in result.leased.items():
+        print(f"model {model_id}: {lease}")
+    for model_id, error in result.failed.items():
+        print(f"failed {model_id}: {error}")
+    if result.leased:
+        print("another run is training the leased models: run the same command again once it is done "
+              "(a lease left by a run that was killed expires; docs/security.md)")
+    if result.unfinished:
+        print("interrupted: run the same command again to continue; each unfinished model resumes from its last "
+              "finished epoch")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     space, store = cli.space_and_store(args)
     if args.dry_run:
-        missing = store.missing(space.models())
-        print(f"{space.name}: {len(space.models()) - len(missing)} of {len(space.models())} models in {store.uri}")
-        cli.print_table(pipeline.model_status(space, store))
+        _dry_run(space, store)
         return 0
     result = pipeline.train(space, store, address=args.address, num_cpus=args.num_cpus,
                             cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                             max_concurrent=args.max_concurrent, data_dir=args.data_dir, compile=args.compile,
                             verbose=cli.verbosity(args), mlflow=args.mlflow)
-    if not result.trained and not result.failed and not result.unfinished:
-        print(f"{space.name}: {len(result.skipped)} of {len(space.models())} models in {store.uri}")
-    else:
-        print(f"\n{space.name}: {len(result.trained)} trained, {len(result.skipped)} already in {store.uri}, "
-              f"{len(result.failed)} failed, {len(result.unfinished)} unfinished ({result.seconds:.0f} s)")
-    cli.print_table(pipeline.model_status(space, store, result.failed))
-    for model_id, error in result.failed.items():
-        print(f"failed {model_id}: {error}")
-    if result.unfinished:
-        print("interrupted: run the same command again to continue; each unfinished model resumes from its last "
-              "finished epoch")
+    _report(space, store, result)
     return 0 if result.ok else 1
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 import rm_sweep
 from rm_sweep.errors import UserError
@@ -52,6 +53,9 @@ MATRIX_SCHEMA = _schema({
 
 TABLES = {"models": MODELS_SCHEMA, "matrix": MATRIX_SCHEMA, "ensembles": ENSEMBLES_SCHEMA}
 KEYS = {"models": ("model_id",), "matrix": MATRIX_KEY, "ensembles": ("ensemble_id",)}
+# Columns added after a table's first release: a file written before them is read with them null.
+# Every other column must be in every file of the table, with its type.
+ADDED_LATER = {"models": (), "matrix": ("max_queries", "median_queries"), "ensembles": ()}
 # Filled in by ``matrix_row``: numbers promoted out of attack_params, and provenance.
 _PROMOTED = ("eps_255", "sigma_255", "patches", "max_queries")
 MATRIX_GIVEN = tuple(c.name for c in MATRIX_SCHEMA if c.name not in (*_PROMOTED, "code_version", "created_at"))
@@ -150,16 +154,65 @@ def matrix_row(row: Mapping[str, Any], created_at: dt.datetime) -> dict[str, Any
     return out
 
 
+def problem(name: str, schema: pa.Schema) -> str | None:
+    """Why a file whose columns are ``schema`` is not a file of table ``name``, or None.
+
+    A file lacking a column other than ``ADDED_LATER``'s (a key column above all), or holding
+    one whose type does not convert to the table's without loss (a float seed, text counts),
+    is foreign. Columns the table does not have are ignored (a later version's file).
+    """
+    expected = TABLES[name]
+    lacking = [f.name for f in expected if f.name not in schema.names and f.name not in ADDED_LATER[name]]
+    if lacking:
+        more = f" and {len(lacking) - 3} more" if len(lacking) > 3 else ""
+        return f"it lacks column(s) {', '.join(lacking[:3])}{more}"
+    for field in expected:
+        if field.name in schema.names and not _converts(schema.field(field.name).type, field.type):
+            return f"its column {field.name} is {schema.field(field.name).type}, not {field.type}"
+    return None
+
+
+def _converts(given: pa.DataType, wanted: pa.DataType) -> bool:
+    """Whether values of type ``given`` become ``wanted`` without loss (int32 -> int64, any time
+    unit -> microseconds in UTC; a column of nulls becomes anything)."""
+    t = pa.types
+    if given == wanted or t.is_null(given):
+        return True
+    if t.is_integer(wanted):
+        return t.is_integer(given) and given != pa.uint64()
+    if t.is_floating(wanted):
+        return t.is_floating(given) or t.is_integer(given)
+    if t.is_string(wanted):
+        return t.is_string(given) or t.is_large_string(given)
+    if t.is_timestamp(wanted):
+        return t.is_timestamp(given)
+    if t.is_list(wanted):
+        return (t.is_list(given) or t.is_large_list(given)) and _converts(given.value_type, wanted.value_type)
+    return False
+
+
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """``table`` with exactly ``schema``'s columns: missing ones (files of older versions) null."""
+    """``table`` with exactly ``schema``'s columns: missing ones (files of older versions) null.
+    Check ``problem`` first: a column that does not convert raises here."""
     columns = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
                for f in schema]
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def deduplicate(name: str, table: pa.Table) -> pa.Table:
+    """One row per fact of table ``name`` (rows with equal ``KEYS`` are one fact, e.g. a file
+    copied within the store): the first written (``created_at``), in the original row order."""
+    if table.num_rows < 2:
+        return table
+    numbered = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
+    by_age = numbered.take(pc.sort_indices(numbered, [("created_at", "ascending"), ("_row", "ascending")]))
+    first = by_age.group_by(list(KEYS[name]), use_threads=False).aggregate([("_row", "first")])
+    return table.take(sorted(first["_row_first"].to_pylist()))
 
 
 def _float_or_none(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-__all__ = ["ENSEMBLES_SCHEMA", "KEYS", "MATRIX_GIVEN", "MATRIX_SCHEMA", "MODELS_SCHEMA", "TABLES", "code_version",
-           "conform", "ensemble_row", "matrix_row", "model_row", "now"]
+__all__ = ["ADDED_LATER", "ENSEMBLES_SCHEMA", "KEYS", "MATRIX_GIVEN", "MATRIX_SCHEMA", "MODELS_SCHEMA", "TABLES",
+           "code_version", "conform", "deduplicate", "ensemble_row", "matrix_row", "model_row", "now", "problem"]

@@ -72,7 +72,7 @@ def dry_run(space: SearchSpace, store: Store) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     space, store = cli.space_and_store(args)
-    check_png_path(args.out)  # before hours of work, not after
+    check_png_path(cli.output_file(args.out, make_parent=True))  # before hours of work, not after
     if not fig14_cells(space):
         raise UserError(f"{space.path}: no Fig. 14 cells (black-box madry_fgsm / madry_pgd from a normal resnet18 "
                         "onto resnet18 targets with shallow masks); see the packaged space fig14")
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     done = pipeline.complete(space, store, address=args.address, data_dir=args.data_dir, verbose=cli.verbosity(args),
                              mlflow=args.mlflow)
+    cli.print_damaged(done.damaged, trained=True)
     rows = fig14_rows(store, space)
     summary = fig14_summary(rows)
     scale = training_scale(store, rows)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -24,10 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from rm_sweep import cli
+from rm_sweep import checks, cli
 from rm_sweep.atomic import atomic_torch_save
 from rm_sweep.data import Dataset, DeviceLoader, load_dataset
-from rm_sweep.errors import UserError, cli_main
+from rm_sweep.errors import UserError, cannot_read, cli_main
 from rm_sweep.masks import MaskConfig
 from rm_sweep.models import check_arch, count_parameters, create_model, save_checkpoint
 from rm_sweep.recipes import RECIPES, Recipe, get_recipe
@@ -36,13 +37,18 @@ from rm_sweep.spec import parse_data_spec
 STATE_FILE = "train_state.pt"
 _STATE_FORMAT = "rm_sweep.train_state/1"
 EVAL_BATCH = 1000  # evaluation holds no activations for backward: large batches are cheap
+DEVICES = ("cpu", "cuda")
 
 
 def resolve_device(device: torch.device | str | None = None) -> torch.device:
     """``device`` as a ``torch.device``; CUDA when available if None."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N") from None
+    checks.choice(device.type, DEVICES, "device type")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device cuda was requested but CUDA is not available")
     return device
@@ -143,11 +149,15 @@ def fit(
     seed: int = 0,
     compile: bool | None = None,
     progress: bool = False,
+    on_unusable_state: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place on ``data.train_*`` with ``recipe``; returns the final metrics.
 
     If ``state_dir/train_state.pt`` exists, training resumes from it (it must come from the same
-    model config, data, recipe and seed); after every epoch the full state (weights, optimizer,
+    model config, data, recipe and seed, and is loaded weights-only: tensors and plain values,
+    never arbitrary objects). One that cannot be resumed raises ``UserError``, or, given
+    ``on_unusable_state``, is passed to it (why, one line), deleted, and training starts over.
+    After every epoch the full state (weights, optimizer,
     schedule, random generators) is written there atomically and ``report(metrics, state_dir)``
     is called with ``epoch``, ``train_loss``, ``train_accuracy``, ``test_accuracy``,
     ``images_per_second``, ``lr``, ``epoch_seconds`` and ``train_seconds``. An interrupted and
@@ -159,6 +169,8 @@ def fit(
     where compiling costs more than it saves in short runs. The returned dict holds the last
     epoch's metrics plus ``clean_accuracy`` (float32 test accuracy of the returned model),
     ``epochs`` and ``device``. The model is left on ``device`` in the default memory format.
+    An epoch whose mean loss is not finite (a learning rate too large) raises ``UserError``
+    naming it, before its state is written or reported.
     """
     device = resolve_device(device)
     amp = device.type == "cuda"
@@ -182,8 +194,16 @@ def fit(
         "augment": augment, "recipe": recipe.to_dict(), "seed": seed,
     })
     start, history = 0, []
+    state = None
     if state_path is not None and state_path.exists():
-        state = _read_state(state_path, identity)
+        try:
+            state = _read_state(state_path, identity)
+        except _UnusableState as exc:
+            if on_unusable_state is None:
+                raise UserError(f"{exc}; {exc.advice}") from None
+            on_unusable_state(str(exc))
+            state_path.unlink()
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -202,6 +222,10 @@ def fit(
             lr = optimizer.param_groups[0]["lr"]
             train_loss, train_acc = train_epoch(net, train_loader, optimizer, amp=amp, on_step=bar.update)
             train_time = time.perf_counter() - t0
+            if not math.isfinite(train_loss):
+                # Weights past this point are not a model: stop before they are saved anywhere.
+                raise UserError(f"training diverged in epoch {epoch + 1} of {recipe.epochs}: the loss is "
+                                f"{train_loss} (learning rate {lr:g}); nothing was saved from this epoch")
             scheduler.step()
             if epoch + 1 == recipe.epochs:
                 # The final figure is what any reader of the checkpoint will measure: float32,
@@ -239,16 +263,29 @@ def _json_roundtrip(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
+class _UnusableState(UserError):
+    """A training state that cannot be resumed: the message says why, ``advice`` what to do."""
+
+    def __init__(self, reason: str, advice: str) -> None:
+        super().__init__(reason)
+        self.advice = advice
+
+
 def _read_state(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unreadable file is the same problem to the user
-        raise UserError(f"training state {path} is corrupt ({type(exc).__name__}); delete it to start over") from None
+    except OSError as exc:  # present but not readable: not a reason to delete it
+        raise cannot_read(f"training state {path}", exc) from None
+    except Exception as exc:  # any file that is not a torch file is the same problem to the user
+        raise _UnusableState(f"training state {path} is corrupt ({type(exc).__name__})", "delete it to start over") \
+            from None
     if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
-        raise UserError(f"{path} is not an rm_sweep training state; delete it to start over")
-    differ = sorted(k for k in identity if state["identity"].get(k) != identity[k])
+        raise _UnusableState(f"{path} is not an rm_sweep training state", "delete it to start over")
+    differ = sorted(k for k in identity if not isinstance(state.get("identity"), dict)
+                    or state["identity"].get(k) != identity[k])
     if differ:
-        raise UserError(f"{path} belongs to a different run ({', '.join(differ)} differ); use another directory")
+        raise _UnusableState(f"{path} belongs to a different run ({', '.join(differ)} differ)",
+                             "use another directory")
     return state
 
 
@@ -304,12 +341,14 @@ def main(argv: list[str] | None = None) -> int:
                       channel_multiplier=args.channel_multiplier,
                       seed=args.seed if args.mask_seed is None else args.mask_seed)
     device = resolve_device(args.device)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; it names the run directory (training state and model.pt)")
     # Subsets use seed 0 whatever --seed is, so runs that differ in seed see the same images.
     data = load_dataset(spec, data_dir=args.data_dir, train_subset=args.train_subset, test_subset=args.test_subset)
     torch.manual_seed(args.seed)
     model = create_model(args.arch, num_classes=data.num_classes, in_channels=data.in_channels,
                          image_size=data.image_size, mask=mask, width=args.width, mean=data.mean, std=data.std)
-    out = Path(args.out)
     metrics = fit(model, data, recipe, state_dir=out, device=device, seed=args.seed, compile=args.compile,
                   progress=True)
     result = {

@@ -33,6 +33,13 @@ def s3_uri(s3_server: S3Server, request: pytest.FixtureRequest) -> str:
     return s3_server.uri(re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name))
 
 
+@pytest.fixture(params=["local", "s3"])
+def store_uri(request, tmp_path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("s3_uri")
+
+
 @pytest.fixture(scope="session")
 def cifar_folder() -> Path:
     """The shared CIFAR-10 JPEG ImageFolder (../shared/data/cifar10-jpeg beside the repository)."""

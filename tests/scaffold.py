@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +35,41 @@ def tiny_space(name: str, data: Path | str, models: list[dict], matrix: list[dic
             "models": [{"arch": "resnet18", "width": width, **m} for m in models], "matrix": matrix or []}
 
 
-def probe_command(module: str, *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.Popen:
+# Credentials for an S3 endpoint that is not there (no lookup of real ones, no instance metadata).
+DUMMY_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+             "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def without_file_override(command: list[str]) -> list[str]:
+    """``command`` run so that file permissions apply to it: as root, without the capabilities
+    that bypass them (``setpriv``), so a 0555 directory is read-only and a 0000 file unreadable."""
+    if os.geteuid() != 0:
+        return command
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", *command]
+
+
+def probe_command(module: str, *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None,
+                  wrap: Callable[[list[str]], list[str]] | None = None) -> subprocess.Popen:
     """``python -m MODULE ARGS`` started in ``cwd`` with this checkout on the path; its stdout
-    ends with ``ray imported`` or ``ray not imported``."""
-    return subprocess.Popen([sys.executable, "-c", _PROBE, module, *args], cwd=cwd, stdout=subprocess.PIPE,
+    ends with ``ray imported`` or ``ray not imported``. ``wrap`` rewrites the command line
+    (``without_file_override``)."""
+    command = [sys.executable, "-c", _PROBE, module, *args]
+    return subprocess.Popen(wrap(command) if wrap else command, cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
-def run_command(module: str, *args: str, cwd: Path = ROOT, timeout: float = 600,
-                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_command(module: str, *args: str, cwd: Path = ROOT, timeout: float = 600, env: dict[str, str] | None = None,
+                wrap: Callable[[list[str]], list[str]] | None = None) -> subprocess.CompletedProcess:
     """``probe_command``, run to its end."""
-    proc = probe_command(module, *args, cwd=cwd, env=env)
+    proc = probe_command(module, *args, cwd=cwd, env=env, wrap=wrap)
     stdout, stderr = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 

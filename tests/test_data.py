@@ -1,15 +1,18 @@
 """rm_sweep.data: data set specs, cached arrays, balanced subsets and on-device augmentation."""
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-import rm_sweep.data as data_mod
+import rm_sweep.folders as folders_mod
 from imagefolder import write_image_folder
 from rm_sweep.data import (
     CROP_PADDING,
@@ -59,19 +62,86 @@ def test_folder_loads_exact_pixels_labels_and_statistics(tmp_path: Path, channel
     assert ds.std == pytest.approx(pixels.std(dim=(0, 2, 3), correction=0).tolist(), abs=1e-6)
 
 
+def decodes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The folders decoded from now on (a load that reads the cache decodes nothing)."""
+    decode, calls = folders_mod.decode, []
+    monkeypatch.setattr(folders_mod, "decode", lambda path: calls.append(path) or decode(path))
+    return calls
+
+
 def test_second_load_reads_the_cache_and_a_changed_folder_is_decoded_again(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "ds"
     write_image_folder(folder)
     load_dataset(f"folder:{folder}", data_dir=tmp_path / "cache")
-    decode = data_mod._decode_folder
-    calls = []
-    monkeypatch.setattr(data_mod, "_decode_folder", lambda path: calls.append(path) or decode(path))
+    calls = decodes(monkeypatch)
     again = load_dataset(f"folder:{folder}", data_dir=tmp_path / "cache")
     assert calls == [] and len(again.train_x) == 36
     (folder / "train" / "c0" / "0000.png").unlink()
     changed = load_dataset(f"folder:{folder}", data_dir=tmp_path / "cache")
     assert len(calls) == 1 and len(changed.train_x) == 35
+
+
+def _same_size_other_pixels(path: Path) -> None:
+    """Rewrite the PNG at ``path`` with other pixels and the same file size, restoring its times."""
+    before = path.stat()
+    with Image.open(path) as image:
+        pixels = np.asarray(image).copy()
+    for shift in range(1, 256):
+        Image.fromarray(((pixels.astype(int) + shift) % 256).astype(np.uint8)).save(path)
+        if path.stat().st_size == before.st_size:
+            break
+    assert path.stat().st_size == before.st_size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def _other_size(path: Path) -> None:
+    stamp = path.stat()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(path)
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+
+
+def _new_mtime(path: Path) -> None:
+    Image.new("RGB", (8, 8), (7, 8, 9)).save(path)
+
+
+@pytest.mark.parametrize("replace", [_same_size_other_pixels, _other_size, _new_mtime],
+                         ids=["same-size-and-mtime", "other-size", "new-mtime"])
+def test_an_image_replaced_in_place_is_decoded_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     replace) -> None:
+    """Same names, other images: the stale decoded cache is not served (the cache key holds each
+    file's size, modification and status-change times; see folders.fingerprint)."""
+    folder = tmp_path / "ds"
+    write_image_folder(folder)
+    first = load_dataset(f"folder:{folder}", data_dir=tmp_path / "cache")
+    image = folder / "train" / "c0" / "0000.png"
+    replace(image)
+    calls = decodes(monkeypatch)
+    again = load_dataset(f"folder:{folder}", data_dir=tmp_path / "cache")
+    with Image.open(image) as replaced:
+        pixels = torch.from_numpy(np.asarray(replaced.convert("RGB")).copy()).permute(2, 0, 1)
+    assert calls == [folder] and torch.equal(again.train_x[0], pixels)
+    assert not torch.equal(first.train_x[0], pixels) and torch.equal(again.train_x[1:], first.train_x[1:])
+
+
+@pytest.mark.parametrize("gray, channels", [("train/c0/0000.png", 3), ("*/*/*.png", 1)],
+                         ids=["first-gray-rest-rgb", "all-gray"])
+def test_channels_are_decided_by_every_image(tmp_path: Path, gray: str, channels: int) -> None:
+    """A folder whose first image (sorted) is grayscale is still an RGB data set; only a folder
+    of grayscale images decodes to one channel."""
+    folder = tmp_path / "ds"
+    rgb = write_image_folder(folder)["train_x"]
+    files = sorted(folder.glob(gray), key=lambda p: (p.relative_to(folder).parts[0] != "train", p))
+    for file in files:
+        with Image.open(file) as image:
+            image.convert("L").save(file)
+    ds = load_dataset(f"folder:{folder}", data_dir=tmp_path / "cache")
+    assert ds.in_channels == channels and ds.test_x.shape[1] == channels
+    with Image.open(files[0]) as image:
+        gray = torch.from_numpy(np.asarray(image).copy())
+    assert all(torch.equal(ds.train_x[0, c], gray) for c in range(channels))  # replicated into RGB
+    if channels == 3:
+        assert torch.equal(ds.train_x[1:], rgb[1:])
 
 
 def test_loading_a_cached_data_set_does_not_import_torchvision(tmp_path: Path) -> None:

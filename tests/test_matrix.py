@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,24 @@ def test_missing_models_are_named_before_anything_runs(
         run_matrix(list(space.cells), store, images, labels, {e.ensemble_id: e.member_ids for e in space.ensembles()},
                    progress=False)
     assert store.matrix().empty
+
+
+def test_a_checkpoint_deleted_during_the_run_is_one_line_at_once(
+        local_ray, tiny: tuple[SearchSpace, Store, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver checks every model before it starts (``Store.unusable``); a checkpoint deleted
+    after that check stops the run with one line naming it, not retries and a traceback."""
+    space, built, data_dir = tiny
+    store = _fresh_store(built, tmp_path / "store")
+    (victim,) = [m for m in space.models() if m.seed == 1 and m.mask.shallow_ratio == 0]
+    Path(store.path("checkpoints", f"{victim.model_id}.pt")).unlink()
+    monkeypatch.setattr(Store, "unusable", lambda self, model_ids: {})  # deleted after the driver's check
+    images, labels = matrix_images(space, data_dir)
+    start = time.monotonic()
+    with pytest.raises(UserError, match=f"has no checkpoint for model {victim.model_id}; it counts as missing") \
+            as info:
+        run_matrix(list(space.cells), store, images, labels, {e.ensemble_id: e.member_ids for e in space.ensembles()},
+                   progress=False)
+    assert "\n" not in str(info.value) and time.monotonic() - start < 60
 
 
 def test_too_many_actors_for_the_cluster_is_a_user_error(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 import ray._private.state  # noqa: E402
 
 from multinode import MultiNodeCluster  # noqa: E402

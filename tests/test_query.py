@@ -293,7 +293,7 @@ def test_sql_reaches_nothing_but_the_tables(known: dict, capsys: pytest.CaptureF
 
 
 def test_sql_sees_no_python_variables_and_cannot_spill(known: dict) -> None:
-    secret = pd.DataFrame({"password": ["hunter2"]})
+    secret = pd.DataFrame({"password": ["hunter2"]})  # noqa: F841  (DuckDB finds it by name)
     assert duckdb.connect().sql("SELECT * FROM secret").fetchall() == [("hunter2",)]  # what DuckDB does by default
     connection = sql_engine.connect(known["store"])
     try:

@@ -10,39 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from rm_sweep.data import Dataset
 from rm_sweep.errors import UserError
 from rm_sweep.masks import MaskConfig
 from rm_sweep.spec import EnsembleSpec, ModelSpec
 from rm_sweep.store import Store
 from rm_sweep.tables import ENSEMBLES_SCHEMA, MATRIX_SCHEMA, MODELS_SCHEMA
-
-DATA = "folder:/somewhere/cifar10-jpeg"
-
-
-def tiny_data() -> Dataset:
-    """A 10-class, 32x32 RGB data set of noise: enough to build and run models."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=gen)
-    y = torch.arange(20) % 10
-    return Dataset("folder:cifar10-jpeg", x, y, x, y, tuple(str(c) for c in range(10)), (0.5,) * 3, (0.25,) * 3)
-
-
-def spec(**changes) -> ModelSpec:
-    fields = {"arch": "resnet18", "data": DATA, "width": 0.125, "train_subset": 200, "recipe": "quick"}
-    return ModelSpec(**{**fields, **changes})
-
-
-def metrics(acc: float = 0.5) -> dict:
-    return {"clean_accuracy": acc, "epochs": 1, "train_accuracy": 0.4, "train_loss": 1.9, "train_seconds": 3.0}
-
-
-def matrix_rows(source: str, targets: list[str], attack: str = "madry_pgd") -> list[dict]:
-    return [dict(protocol="black", source_id=source, target_id=t, target_kind="model", attack=attack,
-                 attack_params={"attack": "pgd", "eps_255": 8, "step_255": 2, "steps": 7}, limit=100,
-                 n_crafted=100, n_fooled_source=90, n_evaluated=60, n_defended=15, defense_rate=0.25)
-            for t in targets]
-
+from tinystore import add_models, matrix_rows, metrics, spec, tiny_data
 
 # -- ModelSpec -------------------------------------------------------------------------------------
 def test_model_id_is_sha256_of_canonical_json():
@@ -160,23 +133,6 @@ def test_create_builds_the_specified_network():
 
 
 # -- Store -----------------------------------------------------------------------------------------
-@pytest.fixture(params=["local", "s3"])
-def store_uri(request, tmp_path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "store")
-    return request.getfixturevalue("s3_uri")
-
-
-def add_models(store: Store, n: int) -> list[tuple[ModelSpec, torch.nn.Module]]:
-    out = []
-    for i in range(n):
-        s = spec(mask=MaskConfig(shallow_ratio=0.5, seed=i))
-        model = s.create(tiny_data())
-        store.add_model(s, metrics(0.1 * i), model)
-        out.append((s, model))
-    return out
-
-
 def read_table(store: Store, table: str) -> pd.DataFrame:
     """What a reader without rm_sweep does: pandas on the table's directory."""
     return pd.read_parquet(store.path(table), filesystem=store.filesystem)
@@ -295,7 +251,7 @@ def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match="cannot write .*: disk full"):
         add_models(store, 1)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 

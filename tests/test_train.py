@@ -129,6 +129,62 @@ def test_resuming_a_different_run_is_refused(cifar, tmp_path: Path, change: dict
         fit(_tiny_model(data), data, other, state_dir=tmp_path, seed=change.get("seed", 7))
 
 
+def test_a_diverging_loss_stops_fit_naming_the_epoch_and_saves_nothing(cifar, tmp_path: Path) -> None:
+    """A learning rate that passes validation (1e30 is finite) but blows the weights up: fit stops
+    at the first non-finite epoch loss, before that epoch's state is saved or reported."""
+    data = _subset(cifar, 64, 20)
+    reported = []
+    with pytest.raises(UserError, match=r"^training diverged in epoch 1 of 2: the loss is nan \(learning rate 1e\+30\)"):
+        fit(_tiny_model(data), data, get_recipe("quick", epochs=2, batch_size=32, lr=1e30),
+            lambda metrics, state_dir: reported.append(metrics), state_dir=tmp_path, device="cpu")
+    assert reported == [] and not (tmp_path / STATE_FILE).exists()
+
+
+def test_cli_diverging_lr_is_one_line_and_exit_2_without_a_model(cifar_folder: Path, data_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    command = _train_command(cifar_folder, data_dir, out)
+    command[command.index("--epochs") + 1] = "2"
+    proc = subprocess.run([sys.executable, "-m", "rm_sweep.train", *command, "--lr", "1e30"],
+                          capture_output=True, text=True, timeout=600)
+    last = proc.stderr.strip().splitlines()[-1]  # after the progress bar
+    assert proc.returncode == 2 and last.startswith("error: training diverged in epoch 1 of 2") and "Traceback" \
+        not in proc.stderr
+    assert not (out / "model.pt").exists() and not (out / STATE_FILE).exists()
+
+
+@pytest.mark.parametrize("state", [b"not a torch file", "planted"])
+def test_an_unusable_state_is_reported_and_training_starts_over(cifar, tmp_path: Path, state) -> None:
+    """Given ``on_unusable_state`` (the sweep's workers), a state that cannot be resumed (corrupt,
+    or a pickle that is not weights) is reported, deleted and training starts from epoch 1, with
+    the same result as a run that never saw it; nothing in it is executed."""
+    marker = tmp_path / "executed"
+    if state == "planted":
+        torch.save(_Planted(marker), tmp_path / STATE_FILE)
+    else:
+        (tmp_path / STATE_FILE).write_bytes(state)
+    data = _subset(cifar, 64, 20)
+    recipe = get_recipe("quick", epochs=1, batch_size=32)
+    reasons: list[str] = []
+    got = fit(_tiny_model(data), data, recipe, state_dir=tmp_path, device="cpu", on_unusable_state=reasons.append)
+    expected = fit(_tiny_model(data), data, recipe, device="cpu")
+    assert len(reasons) == 1 and "corrupt" in reasons[0] and not marker.exists()
+    assert got["train_loss"] == expected["train_loss"]
+    (tmp_path / STATE_FILE).write_bytes(b"garbage")
+    with pytest.raises(UserError, match="is corrupt .*; delete it to start over"):  # without the hook: an error
+        fit(_tiny_model(data), data, recipe, state_dir=tmp_path, device="cpu")
+
+
+class _Planted:
+    """Unpickling this creates a file: the proof that something was unpickled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
 def _train_command(cifar_folder: Path, data_dir: Path, out: Path) -> list[str]:
     return ["--data", f"folder:{cifar_folder}", "--data-dir", str(data_dir), "--arch", "resnet18",
             "--width", "0.125", "--shallow", "0.5", "--recipe", "quick", "--epochs", "1", "--batch-size", "32",

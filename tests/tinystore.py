@@ -17,18 +17,57 @@ import torch
 from PIL import Image
 
 from rm_sweep.attacks import AttackSetting
-from rm_sweep.data import load_dataset
+from rm_sweep.data import Dataset, load_dataset
 from rm_sweep.ensemble import Ensemble
 from rm_sweep.evaluate import DefenseCounts, craft, defense, white_box
 from rm_sweep.pipeline import matrix_images
+from rm_sweep.masks import MaskConfig
 from rm_sweep.protocols import noise, patch_shuffle
 from rm_sweep.spaces import SearchSpace, load_space
-from rm_sweep.spec import MatrixCell
+from rm_sweep.spec import MatrixCell, ModelSpec
 from rm_sweep.store import Store
 from rm_sweep.train import fit
 from scaffold import tiny_space, write_space
 
 CLASSES, SIZE = 4, 16
+
+
+# -- stores built without training: untrained tiny models with chosen metrics ---------------------
+DATA = "folder:/somewhere/cifar10-jpeg"
+
+
+def tiny_data() -> Dataset:
+    """A 10-class, 32x32 RGB data set of noise: enough to build and run models."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    y = torch.arange(20) % 10
+    return Dataset("folder:cifar10-jpeg", x, y, x, y, tuple(str(c) for c in range(10)), (0.5,) * 3, (0.25,) * 3)
+
+
+def spec(**changes) -> ModelSpec:
+    fields = {"arch": "resnet18", "data": DATA, "width": 0.125, "train_subset": 200, "recipe": "quick"}
+    return ModelSpec(**{**fields, **changes})
+
+
+def metrics(acc: float = 0.5) -> dict:
+    return {"clean_accuracy": acc, "epochs": 1, "train_accuracy": 0.4, "train_loss": 1.9, "train_seconds": 3.0}
+
+
+def matrix_rows(source: str, targets: list[str], attack: str = "madry_pgd") -> list[dict]:
+    return [dict(protocol="black", source_id=source, target_id=t, target_kind="model", attack=attack,
+                 attack_params={"attack": "pgd", "eps_255": 8, "step_255": 2, "steps": 7}, limit=100,
+                 n_crafted=100, n_fooled_source=90, n_evaluated=60, n_defended=15, defense_rate=0.25)
+            for t in targets]
+
+
+def add_models(store: Store, n: int) -> list[tuple[ModelSpec, torch.nn.Module]]:
+    out = []
+    for i in range(n):
+        s = spec(mask=MaskConfig(shallow_ratio=0.5, seed=i))
+        model = s.create(tiny_data())
+        store.add_model(s, metrics(0.1 * i), model)
+        out.append((s, model))
+    return out
 
 
 def write_tinted_folder(root: Path, *, train: int = 40, test: int = 25, seed: int = 0) -> Path:

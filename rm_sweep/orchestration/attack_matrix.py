@@ -144,17 +144,28 @@ class TargetShard:
         _use_cpus(cpus)
         device = _device()
         store, loaded = Store(store_uri), {}
-        self.targets = {target_id: Target(_load(store, members, device, loaded), batch_size=batch_size, device=device)
-                        for target_id, members in targets.items()}
+        # A target that cannot be loaded (its checkpoint deleted since the driver checked) is a
+        # UserError raised by the first call, which the driver reports in one line: raised here,
+        # it would kill the actor and surface as an actor death with a traceback.
+        self.error: UserError | None = None
+        try:
+            self.targets = {target_id: Target(_load(store, members, device, loaded), batch_size=batch_size,
+                                              device=device) for target_id, members in targets.items()}
+        except UserError as exc:
+            self.targets, self.error = {}, exc
 
     def ready(self) -> list[str]:
         """The target ids this actor holds (returns once they are loaded)."""
+        if self.error is not None:
+            raise self.error
         return list(self.targets)
 
     def count(self, job: Job, cells: Sequence[tuple[str, str]], images: torch.Tensor,
               labels: torch.Tensor) -> dict[tuple[str, str], DefenseCounts]:
         """Counts of each (protocol, target id) on ``job``; ``images`` (N, C, H, W) uint8 and
         ``labels`` (N,) are the test images the job's images come from."""
+        if self.error is not None:
+            raise self.error
         faults.inject("call", "count")
         return {(protocol, target_id): PROTOCOLS[protocol].count(self.targets[target_id], job, images, labels)
                 for protocol, target_id in cells}
@@ -225,9 +236,11 @@ def run_matrix(
 
     targets = {c.target_id: members(c.target_id) for p in plans for c in p.target_cells}
     needed = {m for ids in targets.values() for m in ids} | {m for p in plans if p.source_id for m in members(p.source_id)}
-    missing = sorted(needed - store.model_ids())
-    if missing:
-        raise UserError(f"store {store.uri} lacks model(s) {', '.join(missing)}: train them first (rm_sweep.sweep)")
+    unusable = store.unusable(sorted(needed))
+    if unusable:
+        reasons = "; ".join(f"{m}: {reason}" for m, reason in unusable.items())
+        raise UserError(f"store {store.uri} cannot serve {len(unusable)} model(s) ({reasons}): train them first "
+                        "(rm_sweep.sweep)")
 
     images_ref, labels_ref = ray.put(images), ray.put(labels)
     crafting = [p for p in plans if p.source_id is not None]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import ray
 
@@ -36,9 +38,9 @@ def cpu_count() -> int:
 def ray_session(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = True,
                 env: Mapping[str, str] | None = None) -> Iterator[bool]:
     """Connect to the cluster at ``address`` (e.g. ``auto``), or start a private local Ray instance
-    with ``num_cpus`` (default: this machine's) that listens on the loopback interface only; shut
-    down on exit what this call started. An already connected session is used as it is. Yields
-    whether it started Ray.
+    with ``num_cpus`` (default: this machine's) that listens on the loopback interface only, its
+    token file private to this user (``_private_token``); shut down on exit what this call
+    started. An already connected session is used as it is. Yields whether it started Ray.
 
     ``address="local"`` is passed explicitly for the local case: a bare ``ray.init()`` would join
     any cluster another process started on this machine. The dashboard stays on (on 127.0.0.1):
@@ -56,6 +58,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, log_
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise UserError(f"cannot connect to the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
     else:
+        _private_token()
         with _loopback_only(), quiet_logger(_AUTH_LOGGER):
             ray.init(address="local", num_cpus=num_cpus or cpu_count(), include_dashboard=True,
                      dashboard_host="127.0.0.1", runtime_env={"env_vars": {**LOCAL_JOB_ENV, **(env or {})}},
@@ -64,6 +67,31 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, log_
         yield True
     finally:
         ray.shutdown()
+
+
+def _private_token() -> None:
+    """Make Ray's token file private to this user before a local instance starts.
+
+    Ray 2.60 turns token authentication on for every new local instance and, when the user has
+    no token, writes one to ``~/.ray/auth_token`` with plain ``open()``: 0644 under the usual
+    umask, so any local user could read it and, through the instance's loopback ports, run code
+    as this user. The file is created 0600 here first (Ray then uses it as it is), or tightened
+    to 0600 if it exists. Left alone: a token given by ``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH``
+    (the user's own file), and token authentication turned off (``RAY_AUTH_MODE``).
+    """
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or \
+            {"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(os.environ):
+        return
+    path = Path.home() / ".ray" / "auth_token"
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if path.stat().st_mode & 0o077 and path.stat().st_uid == os.getuid():
+            path.chmod(0o600)
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))  # what Ray itself writes: 256 random bits
 
 
 @contextlib.contextmanager

@@ -11,52 +11,64 @@ is restarted from its last epoch (``FailureConfig``), and a model whose sweep is
 continues its Train run, which is named after the model id. The worker writes the finished model
 to the store, once: the store's files are named by model id.
 
+Before training, a trial claims its model (``rm_sweep.leases``): a model another live run holds is
+skipped and reported, so two sweeps on one store share the work instead of training every model
+twice. The trial renews its lease while it runs, the worker after every epoch. A training state
+left by an earlier run (``_ray/train/<model_id>``) is resumed if Ray Train's snapshot and our
+weights-only state load; otherwise it is deleted and the model trained from the start (reported).
+
+An error a rerun would repeat (``UserError``: a diverging loss, bad data) is reported by the
+worker and ends the trial at once; only other failures (a lost node, a killed process) are
+retried (``FailureConfig``).
+
 Tune's own state (its experiment files, pickled trial errors) stays in a driver-local temporary
 directory and is never read back: nothing written to a shared store is unpickled. What the sweep
-reports comes from a driver-side callback (``_Collector``), not from Tune's result files; it also
-draws the console's one progress bar (model, epoch, accuracy, ETA) unless Ray's own output is asked
-for. Each trial's config is its model's spec, so an ``MLflowLoggerCallback`` (``mlflow=``) logs it
-with the per-epoch metrics.
+reports comes from a driver-side callback (``rm_sweep.orchestration.console.Collector``), not from
+Tune's result files; it also draws the console's one progress bar. Each trial's config is its
+model's spec, so an ``MLflowLoggerCallback`` (``mlflow=``) logs it with the per-epoch metrics.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import ray.tune
 import torch
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
-from tqdm import tqdm
 
 from rm_sweep.data import load_dataset
 from rm_sweep.errors import UserError
+from rm_sweep.leases import Leases, Owner
 from rm_sweep.orchestration import faults
-from rm_sweep.orchestration.session import quiet_logger
-from rm_sweep.orchestration.values import SweepResult, TrialTiming
+from rm_sweep.orchestration.console import (
+    Collector,
+    mlflow_callbacks,
+    model_id_of,
+    tune_console,
+)
+from rm_sweep.orchestration.values import TRIAL_CPU, SweepResult
 from rm_sweep.spaces import Resources
 from rm_sweep.spec import ModelSpec, parse_data_spec
-from rm_sweep.store import Store
+from rm_sweep.store import RUN_DIR, Store
 from rm_sweep.train import fit
 
-# The Tune function only waits for its trainer (Ray rejects 0 CPUs). Its share comes out of the
-# trial's cpus_per_trial, so N trials of c CPUs fill N * c CPUs exactly: with the share on top,
-# 2 trials of 1 CPU would not fit 2 CPUs and the second worker would wait for the first.
-TRIAL_CPU = 0.01
 # Columns of Tune's progress table come from the first metrics of each report.
 _SHOWN_FIRST = ("epoch", "test_accuracy", "train_accuracy", "train_loss")
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints (JSON)
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,7 @@ class TrialSetup:
         data_dir: where workers find and cache data sets (absolute, or None for the default).
         store: the store's location. resources: what each trial asks for.
         compile: ``fit``'s ``compile`` for every trial (None: on for trials with a GPU).
+        owner: the run whose leases the trials hold.
     """
 
     data: str
@@ -76,14 +89,18 @@ class TrialSetup:
     store: str
     resources: Resources
     compile: bool | None
+    owner: Owner
 
     @classmethod
     def of(cls, data: str, store: Store, resources: Resources, *, data_dir: str | os.PathLike | None,
-           compile: bool | None) -> TrialSetup:
+           compile: bool | None, owner: Owner) -> TrialSetup:
         spec = parse_data_spec(data)
         absolute = data if spec.path is None else f"{spec.kind}:{os.path.abspath(os.path.expanduser(spec.path))}"
         return cls(absolute, None if data_dir is None else os.path.abspath(data_dir), store.location(), resources,
-                   compile)
+                   compile, owner)
+
+    def leases(self, store: Store) -> Leases:
+        return Leases(store.files, self.owner)
 
     @property
     def train_storage(self) -> str:
@@ -118,15 +135,17 @@ def run_trials(specs: Sequence[ModelSpec], store: Store, setup: TrialSetup, *, n
         mlflow: an MLflow tracking URI: each trial's spec and per-epoch metrics are logged there
             (the optional extra ``rm_sweep[mlflow]``); the store stays the source of truth.
     Returns:
-        ``trained``, ``failed``, ``unfinished``, ``epochs_reported`` and ``timings`` of ``specs``.
+        ``trained``, ``skipped`` (stored by another run meanwhile), ``failed``, ``unfinished``,
+        ``leased`` (held by another live run), ``restarted`` (an earlier training state was
+        unusable), ``epochs_reported`` and ``timings`` of ``specs``.
     """
     resources = setup.resources
     fits = trials_that_fit(ray.cluster_resources(), resources)
     concurrency = max_concurrent or resources.max_concurrent_trials or fits
     if fixed_size:
         concurrency = min(concurrency or 1, fits or 1)
-    collector = _Collector(specs, progress=verbose == 1)
-    callbacks: list[ray.tune.Callback] = [collector, *_mlflow_callbacks(mlflow, name)]
+    collector = Collector(specs, progress=verbose == 1)
+    callbacks: list[ray.tune.Callback] = [collector, *mlflow_callbacks(mlflow, name)]
     tune_dir = tempfile.mkdtemp(prefix="rm_sweep-tune-")  # driver-local: never shared, never restored
     try:
         tuner = ray.tune.Tuner(
@@ -145,117 +164,95 @@ def run_trials(specs: Sequence[ModelSpec], store: Store, setup: TrialSetup, *, n
                 failure_config=ray.tune.FailureConfig(max_failures=resources.max_failures),
             ),
         )
-        with _tune_console(verbose):
+        with tune_console(verbose):
             tuner.fit()
     finally:
         collector.close()
         shutil.rmtree(tune_dir, ignore_errors=True)
-    stored = store.model_ids()
+        leases = setup.leases(store)
+        for lease in leases.all():  # each trial releases its own; these are of trials cut short (Ctrl-C)
+            if lease.owner.run == setup.owner.run:
+                leases.release(lease.model_id)
+    missing = {s.model_id for s in store.missing(specs)}
+    elsewhere = collector.leased.keys() | collector.stored  # trained, or being trained, by another run
     return SweepResult(
-        trained=[s.model_id for s in specs if s.model_id in stored],
-        failed={k: v for k, v in collector.failed.items() if k not in stored},
-        unfinished=[s.model_id for s in specs if s.model_id not in stored and s.model_id not in collector.failed],
-        timings=collector.timings, epochs_reported=collector.epochs,
+        trained=[s.model_id for s in specs if s.model_id not in missing and s.model_id not in elsewhere],
+        skipped=[s.model_id for s in specs if s.model_id not in missing and s.model_id in elsewhere],
+        failed={k: v for k, v in collector.failed.items() if k in missing},
+        unfinished=[s.model_id for s in specs if s.model_id in missing and s.model_id not in collector.failed
+                    and s.model_id not in collector.leased],
+        leased={k: v for k, v in collector.leased.items() if k in missing},
+        restarted=collector.restarted, timings=collector.timings, epochs_reported=collector.epochs,
         epoch_metrics=collector.epoch_metrics)
 
 
-@contextlib.contextmanager
-def _tune_console(verbose: int) -> Iterator[None]:
-    """Tune prints its experiment header and a TensorBoard hint at every verbosity, and warns of
-    its own bookkeeping taking long (on a busy machine, often): below 2 they go nowhere, and the
-    progress bar (on stderr) is the whole console."""
-    if verbose >= 2:
-        yield
-        return
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), quiet_logger("ray.tune.utils.util"):
-        yield
-
-
-def _mlflow_callbacks(uri: str | None, experiment: str) -> list[ray.tune.Callback]:
-    if uri is None:
-        return []
-    try:
-        from ray.air.integrations.mlflow import MLflowLoggerCallback
-        import mlflow  # noqa: F401  (the callback imports it only when the run starts)
-    except ImportError:
-        raise UserError("--mlflow needs MLflow: pip install 'rm_sweep[mlflow]'") from None
-    if "://" not in uri or uri.startswith("file:"):
-        # MLflow 3 refuses a folder (file store) unless told it is wanted; naming one is telling it.
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    return [MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment, save_artifact=False)]
-
-
-_EPOCH_METRICS = ("epoch", "train_loss", "train_accuracy", "test_accuracy", "images_per_second", "lr",
-                  "epoch_seconds", "train_seconds")
-
-
-class _Collector(ray.tune.Callback):
-    """Driver-side record of every trial's reports, timing and failure (Tune's result files are
-    neither needed nor read), and the sweep's one progress bar: epochs done of all the models'
-    epochs, the last model's epoch and test accuracy, and tqdm's ETA."""
-
-    def __init__(self, specs: Sequence[ModelSpec], *, progress: bool) -> None:
-        self.epochs: dict[str, list[int]] = {}
-        self.epoch_metrics: dict[str, list[dict[str, float]]] = {}
-        self.timings: dict[str, TrialTiming] = {}
-        self.failed: dict[str, str] = {}
-        self.labels = {s.model_id: s.label for s in specs}
-        self.total_epochs, self.progress = sum(s.recipe_config().epochs for s in specs), progress
-        self.bar: tqdm | None = None
-
-    def setup(self, **info: Any) -> None:
-        # Made here, not in __init__: Tune pickles its callbacks first, and a bar holds the console.
-        self.bar = tqdm(total=self.total_epochs, desc=f"training {len(self.labels)} model(s)", unit="epoch",
-                        disable=not self.progress, dynamic_ncols=True)
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        model_id = _model_id(trial)
-        if "trial_seconds" in result:  # the trial's closing summary, which repeats the last epoch
-            self.timings[model_id] = TrialTiming(result["startup_seconds"], result["setup_seconds"],
-                                                 result["train_seconds"], result["trial_seconds"])
-        elif "epoch" in result:
-            epoch, done = int(result["epoch"]), self.epochs.setdefault(model_id, [])
-            # A trial resumed from an earlier run reports from its checkpoint's epoch on, a restarted
-            # worker may repeat one: the bar counts each epoch once.
-            if self.bar is not None:
-                self.bar.update(max(0, epoch - max(done, default=0)))
-            done.append(epoch)
-            self.epoch_metrics.setdefault(model_id, []).append(
-                {k: float(v) for k, v in result.items() if k in _EPOCH_METRICS})
-            if self.bar is not None and "test_accuracy" in result:
-                self.bar.set_postfix_str(f"{self.labels.get(model_id, model_id)} epoch {result['epoch']}, "
-                                         f"test accuracy {100 * result['test_accuracy']:.1f} %")
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        error = Path(trial.error_file).read_text() if trial.error_file and Path(trial.error_file).exists() else ""
-        self.failed[_model_id(trial)] = " ".join(error.split())[:500] or "the trial failed"
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _model_id(trial: Any) -> str:
-    return trial.config["model"]["model_id"]
-
-
 def _trial_name(labels: dict[str, str], trial: Any) -> str:
-    model_id = _model_id(trial)
+    model_id = model_id_of(trial)
     return f"{labels.get(model_id, 'model')} ({model_id[:8]})"
 
 
 def _trial_dirname(trial: Any) -> str:
-    return f"{_model_id(trial)}-{trial.trial_id}"
+    return f"{model_id_of(trial)}-{trial.trial_id}"
 
 
 def _trial(config: dict[str, Any], setup: TrialSetup, specs: Mapping[str, ModelSpec]) -> None:
-    """Tune function: one model, trained by a one-worker ``TorchTrainer`` unless already stored."""
+    """Tune function: one model, trained by a one-worker ``TorchTrainer`` unless already stored or
+    leased by another run."""
     t0 = time.time()
     spec = specs[config["model"]["model_id"]]
     store = Store(setup.store)
-    if store.has_model(spec.model_id):  # a retried trial whose model was finished meanwhile
-        ray.tune.report({"epoch": spec.recipe_config().epochs, "stored": True})
+    leases = setup.leases(store)
+    other = leases.acquire(spec.model_id)
+    if other is not None:
+        ray.tune.report({"leased_by": other.describe()})
         return
+    with leases.kept(spec.model_id):
+        if store.has_model(spec.model_id):  # stored meanwhile (a retried trial, or another run)
+            ray.tune.report({"epoch": spec.recipe_config().epochs, "stored": True})
+            return
+        restarted = _check_run(store, spec.model_id)
+        metrics = _train(spec, setup)
+        if not store.has_model(spec.model_id):  # the worker stopped on a UserError (reported, not retried)
+            ray.tune.report({"error": f"training of {spec.model_id} ended without storing the model"})
+            return
+        store.remove_training_state(spec.model_id)
+    restarted = restarted or metrics.get("restarted")
+    ray.tune.report({
+        "epoch": metrics.get("epoch", spec.recipe_config().epochs), "test_accuracy": metrics.get("test_accuracy"),
+        "train_seconds": metrics.get("train_seconds", 0.0),
+        "startup_seconds": metrics.get("worker_started_at", t0) - t0, "setup_seconds": metrics.get("setup_seconds", 0.0),
+        "trial_seconds": time.time() - t0, **({"restarted": restarted} if restarted else {}),
+    })
+
+
+def _check_run(store: Store, model_id: str) -> str | None:
+    """Delete the model's earlier Train run unless Ray Train can resume it: its snapshot (JSON)
+    must parse, come from this Ray version and name as its latest checkpoint a directory of the
+    run that exists. Returns why it was deleted, or None. (The checkpoint's content, our
+    weights-only training state, is checked by ``fit`` in the worker.)"""
+    if model_id not in store.training_runs():
+        return None
+    run = store.path(RUN_DIR, "train", model_id)
+    try:
+        snapshot = json.loads(store.files.read(f"{run}/{SNAPSHOT}", f"Ray Train snapshot of {model_id}"))
+        latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+        problem = f"written by Ray {snapshot.get('ray_version')}, this is Ray {ray.__version__}" \
+            if snapshot.get("ray_version") != ray.__version__ else None
+    except FileNotFoundError:
+        problem, latest = "it has no checkpoint snapshot", None
+    except (ValueError, AttributeError):
+        problem, latest = "its checkpoint snapshot is not valid JSON", None
+    if problem is None and latest is not None and (not isinstance(latest, str) or not latest.startswith("checkpoint_")
+                                                   or "/" in latest or store.files.info(f"{run}/{latest}").type
+                                                   != pafs.FileType.Directory):
+        problem = f"its snapshot names a checkpoint that is not there ({latest!r})"
+    if problem:
+        store.remove_training_state(model_id)
+    return f"an earlier training state was deleted ({problem})" if problem else None
+
+
+def _train(spec: ModelSpec, setup: TrialSetup) -> dict[str, Any]:
+    """Run the model's Train run to its end; its last metrics."""
     resources = setup.resources
     gpus = resources.gpus_per_trial
     trainer = TorchTrainer(
@@ -271,51 +268,53 @@ def _trial(config: dict[str, Any], setup: TrialSetup, specs: Mapping[str, ModelS
             callbacks=[TuneReportCallback()],
         ),
     )
-    metrics = trainer.fit().metrics or {}  # fit() raises if training failed after max_failures retries
-    if not store.has_model(spec.model_id):
-        raise RuntimeError(f"training of {spec.model_id} ended without storing the model")
-    store.remove_training_state(spec.model_id)
-    ray.tune.report({
-        "epoch": metrics.get("epoch", spec.recipe_config().epochs), "test_accuracy": metrics.get("test_accuracy"),
-        "train_seconds": metrics.get("train_seconds", 0.0),
-        "startup_seconds": metrics.get("worker_started_at", t0) - t0, "setup_seconds": metrics.get("setup_seconds", 0.0),
-        "trial_seconds": time.time() - t0,
-    })
+    return trainer.fit().metrics or {}  # fit() raises if training failed after max_failures retries
 
 
 def _worker(config: dict[str, Any]) -> None:
-    """Ray Train worker loop: restore, ``fit`` with a report per epoch, store the model."""
+    """Ray Train worker loop: restore, ``fit`` with a report (and a lease renewal) per epoch,
+    store the model. A ``UserError`` is reported as the run's last metrics, not raised: Train
+    would retry it, and it would happen again."""
     started = time.time()
     setup: TrialSetup = config["setup"]
     spec: ModelSpec = config["spec"]
+    store = Store(setup.store)
+    leases = setup.leases(store)
     torch.set_num_threads(max(1, round(setup.resources.cpus_per_trial)))  # the trial's cores
     gpu = setup.resources.gpus_per_trial > 0
     device = ray.train.torch.get_device() if gpu else torch.device("cpu")
-    data = load_dataset(setup.data, data_dir=setup.data_dir, train_subset=spec.train_subset,
-                        test_subset=spec.test_subset)
-    # fit() checks a resumed state against the data's name: use the location-free identity so
-    # a trial resumed on a machine with the data at another path is accepted.
-    data = dataclasses.replace(data, name=spec.data)
-    model = spec.create(data)
-    setup_seconds = time.time() - started
     state_dir = Path(tempfile.mkdtemp(prefix=f"rm_sweep-{spec.model_id}-"))
+    restarted: list[str] = []
     try:
+        data = load_dataset(setup.data, data_dir=setup.data_dir, train_subset=spec.train_subset,
+                            test_subset=spec.test_subset)
+        # fit() checks a resumed state against the data's name: use the location-free identity so
+        # a trial resumed on a machine with the data at another path is accepted.
+        data = dataclasses.replace(data, name=spec.data)
+        model = spec.create(data)
+        setup_seconds = time.time() - started
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             checkpoint.to_directory(str(state_dir))
 
         def report(metrics: dict[str, Any], directory: Path | None) -> None:
             faults.inject("epoch", f"{spec.model_id}/{metrics['epoch']}")
+            if not leases.renew(spec.model_id):
+                raise UserError(f"the lease of {spec.model_id} was taken over by another run (this one had "
+                                "stopped renewing it): training stopped")
             shown = {k: metrics[k] for k in _SHOWN_FIRST}
-            ray.train.report({**shown, **metrics, "setup_seconds": setup_seconds, "worker_started_at": started},
-                             checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
+            notes = {"restarted": f"an earlier training state was unusable ({restarted[0]})"} if restarted else {}
+            ray.train.report({**shown, **metrics, "setup_seconds": setup_seconds, "worker_started_at": started,
+                              **notes}, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
 
         final = fit(model, data, spec.recipe_config(), report, state_dir=state_dir, device=device, seed=spec.seed,
-                    compile=setup.compile)
+                    compile=setup.compile, on_unusable_state=restarted.append)
         if ray.train.get_context().get_world_rank() == 0:
-            Store(setup.store).add_model(spec, final, model.cpu())
+            store.add_model(spec, final, model.cpu())
+    except UserError as exc:
+        ray.train.report({"error": str(exc)})
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
-__all__ = ["TRIAL_CPU", "TrialSetup", "run_trials", "trials_that_fit"]
+__all__ = ["TrialSetup", "run_trials", "trials_that_fit"]

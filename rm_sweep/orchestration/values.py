@@ -8,6 +8,12 @@ from rm_sweep import checks
 from rm_sweep.errors import UserError
 
 
+# The Tune function only waits for its trainer (Ray rejects 0 CPUs). Its share comes out of the
+# trial's cpus_per_trial, so N trials of c CPUs fill N * c CPUs exactly: with the share on top,
+# 2 trials of 1 CPU would not fit 2 CPUs and the second worker would wait for the first.
+TRIAL_CPU = 0.01
+
+
 @dataclass(frozen=True)
 class TrialTiming:
     """Where a trial's wall time went, in seconds (measured inside the trial).
@@ -30,13 +36,21 @@ class TrialTiming:
 
 @dataclass
 class SweepResult:
-    """What a sweep did, by model id: trained now, found in the store, failed (id -> error), or
-    unfinished (the sweep was interrupted; running it again continues them)."""
+    """What a sweep did, by model id: trained now, found in the store, failed (id -> error),
+    unfinished (the sweep was interrupted; running it again continues them) or leased (id ->
+    which other live run is training it). Notes on the way: ``damaged`` (id -> why a stored
+    model was trained again: its checkpoint was missing or damaged), ``restarted`` (id -> why an
+    earlier training state was not resumed), ``removed_states`` (stored models whose leftover
+    training state was deleted)."""
 
     trained: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     unfinished: list[str] = field(default_factory=list)
+    leased: dict[str, str] = field(default_factory=dict)
+    damaged: dict[str, str] = field(default_factory=dict)
+    restarted: dict[str, str] = field(default_factory=dict)
+    removed_states: list[str] = field(default_factory=list)
     timings: dict[str, TrialTiming] = field(default_factory=dict)
     epochs_reported: dict[str, list[int]] = field(default_factory=dict)
     # Each reported epoch's metrics (``rm_sweep.train.fit``'s), in order of arrival.
@@ -46,7 +60,8 @@ class SweepResult:
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.unfinished
+        """Whether the store now holds every model the sweep was asked for."""
+        return not self.failed and not self.unfinished and not self.leased
 
 
 @dataclass(frozen=True)
@@ -98,4 +113,4 @@ class MatrixReport:
     craft_seconds: list[float] = field(default_factory=list)
 
 
-__all__ = ["MatrixOptions", "MatrixReport", "SweepResult", "TrialTiming"]
+__all__ = ["TRIAL_CPU", "MatrixOptions", "MatrixReport", "SweepResult", "TrialTiming"]
