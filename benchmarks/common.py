@@ -4,13 +4,21 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+LOCAL_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10-jpeg"
+
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_data() -> str:
+    """The shared CIFAR-10 JPEG folder beside the checkout when there is one, else torchvision's CIFAR-10."""
+    return f"folder:{LOCAL_DATA}" if LOCAL_DATA.is_dir() else "cifar10"
 
 
 def attack_arguments(description: str | None) -> argparse.ArgumentParser:

@@ -37,19 +37,18 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import default_data, default_device  # noqa: E402
 from rm_sweep.data import load_dataset  # noqa: E402
 from rm_sweep.pipeline import train  # noqa: E402
 from rm_sweep.spaces import SearchSpace, parse_space  # noqa: E402
 from rm_sweep.store import Store  # noqa: E402
 from rm_sweep.train import fit  # noqa: E402
 
-LOCAL_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
-
 
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--data", default=f"folder:{LOCAL_DATA}" if LOCAL_DATA.is_dir() else "cifar10")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
+    p.add_argument("--data", default=default_data())
     p.add_argument("--data-dir", default=None, help="decoded-data cache (default: rm_sweep's)")
     p.add_argument("--width", type=float, default=1.0, help="ResNet-18 width factor")
     p.add_argument("--train-subset", type=int, default=None, help="training images (default: all)")

@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import default_data, default_device  # noqa: E402
 from rm_sweep.data import load_dataset  # noqa: E402
 from rm_sweep.orchestration.session import cpu_count  # noqa: E402
 from rm_sweep.orchestration.trials import trials_that_fit  # noqa: E402
@@ -34,18 +35,16 @@ from rm_sweep.spaces import Resources, parse_space  # noqa: E402
 from rm_sweep.store import Store  # noqa: E402
 from rm_sweep.train import fit  # noqa: E402
 
-LOCAL_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
-
 
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
     p.add_argument("--models", type=int, default=4, help="N: models in the sweep")
     p.add_argument("--width", type=float, default=0.125, help="ResNet-18 width factor")
     p.add_argument("--train-subset", type=int, default=500)
     p.add_argument("--test-subset", type=int, default=200)
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--data", default=f"folder:{LOCAL_DATA}" if LOCAL_DATA.is_dir() else "cifar10")
+    p.add_argument("--data", default=default_data())
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (its torch threads)")
     p.add_argument("--gpus-per-trial", type=float, default=0.25, help="with --device cuda")
