@@ -108,6 +108,19 @@ def _trained_in_one_process(space: SearchSpace) -> dict[str, torch.Tensor]:
     return reference.state_dict()
 
 
+@pytest.mark.timeout(400)
+def test_a_private_instance_runs_no_more_trials_than_it_holds(tmp_path: Path) -> None:
+    # Two trials of 2 CPUs asked to run at once on 2 CPUs: both would take their Tune share and
+    # neither could start its worker. One at a time, both finish.
+    # Defined before the tests that share ``local_ray``: with that session up, train would use it.
+    ray = pytest.importorskip("ray")
+    assert not ray.is_initialized(), "another test left a Ray session connected"
+    space = load_space(write_tiny_space(tmp_path, "crowded", [{"name": "m", "seed": [0, 1]}]))
+    result = train(space, Store(tmp_path / "store"), num_cpus=2, cpus_per_trial=2, max_concurrent=2, verbose=0)
+    assert result.ok and sorted(result.trained) == sorted(s.model_id for s in space.models())
+    assert all(len(epochs) == 1 for epochs in result.epoch_metrics.values())
+
+
 def test_a_killed_worker_resumes_from_its_checkpoint(tmp_path: Path, local_ray) -> None:
     space = load_space(write_tiny_space(tmp_path, "crash", [{"name": "m", "shallow_ratio": 0.5}], epochs=2))
     (spec,) = space.models()
@@ -146,13 +159,3 @@ def test_mlflow_gets_each_models_spec_and_per_epoch_metrics(tmp_path: Path, loca
     accuracy = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "test_accuracy")}
     assert sorted(set(epochs.values())) == [1, 2] and accuracy.keys() == epochs.keys()
     assert accuracy[max(accuracy)] == pytest.approx(Store(tmp_path / "store").models().clean_accuracy.iloc[0])
-
-
-@pytest.mark.timeout(400)
-def test_a_private_instance_runs_no_more_trials_than_it_holds(tmp_path: Path) -> None:
-    # Two trials of 2 CPUs asked to run at once on 2 CPUs: both would take their Tune share and
-    # neither could start its worker. One at a time, both finish.
-    space = load_space(write_tiny_space(tmp_path, "crowded", [{"name": "m", "seed": [0, 1]}]))
-    result = train(space, Store(tmp_path / "store"), num_cpus=2, cpus_per_trial=2, max_concurrent=2, verbose=0)
-    assert result.ok and sorted(result.trained) == sorted(s.model_id for s in space.models())
-    assert all(len(epochs) == 1 for epochs in result.epoch_metrics.values())
