@@ -128,6 +128,11 @@ def model_device(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
+def device_name(device: torch.device) -> str:
+    """What a result records it ran on: the GPU's name (``NVIDIA H200``) or ``cpu``."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def check_indices(indices: torch.Tensor | None, n: int) -> torch.Tensor:
     if indices is None:
         return torch.arange(n)
@@ -301,4 +306,4 @@ def white_box(adversarial_set: AdversarialSet) -> DefenseCounts:
 
 
 __all__ = ["AdversarialSet", "DefenseCounts", "Target", "as_float", "as_target", "check_indices", "craft", "defense",
-           "model_device", "predict", "white_box"]
+           "device_name", "model_device", "predict", "white_box"]

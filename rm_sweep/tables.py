@@ -48,18 +48,18 @@ MATRIX_SCHEMA = _schema({
     # Numbers promoted out of attack_params, so they can be filtered as numbers.
     "eps_255": FLOAT, "sigma_255": FLOAT, "patches": INT, "max_queries": INT,
     "n_crafted": INT, "n_fooled_source": INT, "n_evaluated": INT, "n_defended": INT, "defense_rate": FLOAT,
-    "median_queries": FLOAT, "code_version": STRING, "created_at": TIME,
+    "median_queries": FLOAT, "device": STRING, "code_version": STRING, "created_at": TIME,
 })
 
 TABLES = {"models": MODELS_SCHEMA, "matrix": MATRIX_SCHEMA, "ensembles": ENSEMBLES_SCHEMA}
 KEYS = {"models": ("model_id",), "matrix": MATRIX_KEY, "ensembles": ("ensemble_id",)}
 # Columns added after a table's first release: a file written before them is read with them null.
 # Every other column must be in every file of the table, with its type.
-ADDED_LATER = {"models": (), "matrix": ("max_queries", "median_queries"), "ensembles": ()}
+ADDED_LATER = {"models": ("device",), "matrix": ("max_queries", "median_queries", "device"), "ensembles": ()}
 # Filled in by ``matrix_row``: numbers promoted out of attack_params, and provenance.
 _PROMOTED = ("eps_255", "sigma_255", "patches", "max_queries")
 MATRIX_GIVEN = tuple(c.name for c in MATRIX_SCHEMA if c.name not in (*_PROMOTED, "code_version", "created_at"))
-_OPTIONAL = ("median_queries",)  # only query cells have it
+_OPTIONAL = ("median_queries", "device")  # only query cells have median_queries
 
 
 @functools.cache
@@ -139,7 +139,7 @@ def ensemble_row(ensemble: EnsembleSpec) -> dict[str, Any]:
 
 def matrix_row(row: Mapping[str, Any], created_at: dt.datetime) -> dict[str, Any]:
     """A ``matrix`` row from a cell's fields and counts (``MATRIX_GIVEN``; ``median_queries`` only
-    for query cells): ``attack_params`` (a dict or JSON) made canonical, its ``eps_255``,
+    for query cells; ``device``, where the counts were computed, when known): ``attack_params`` (a dict or JSON) made canonical, its ``eps_255``,
     ``sigma_255``, ``patches`` and ``max_queries`` copied into columns of their own so they can be
     filtered as numbers, and provenance added."""
     missing = [c for c in MATRIX_GIVEN if c not in row and c not in _OPTIONAL]

@@ -29,6 +29,7 @@ from rm_sweep import checks, cli
 from rm_sweep.atomic import atomic_torch_save
 from rm_sweep.data import Dataset, DeviceLoader, load_dataset
 from rm_sweep.errors import UserError, cannot_read, cli_main
+from rm_sweep.evaluate import device_name
 from rm_sweep.masks import MaskConfig
 from rm_sweep.models import check_arch, count_parameters, create_model, save_checkpoint
 from rm_sweep.recipes import RECIPES, Recipe, get_recipe
@@ -52,11 +53,6 @@ def resolve_device(device: torch.device | str | None = None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device cuda was requested but CUDA is not available")
     return device
-
-
-def device_name(device: torch.device) -> str:
-    """What a result records it ran on: the GPU's name (``NVIDIA H200``) or ``cpu``."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def compiles_by_default(device: torch.device) -> bool:
@@ -362,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["compile_for_training", "compiles_by_default", "device_name", "evaluate_accuracy", "fit",
+__all__ = ["compile_for_training", "compiles_by_default", "evaluate_accuracy", "fit",
            "resolve_device", "train_epoch"]
 
 if __name__ == "__main__":

@@ -79,6 +79,7 @@ def _assert_matches(store: Store, space: SearchSpace, reference: dict) -> None:
     keys = [_row_key(r) for r in rows]
     assert len(keys) == len(set(keys)) == len(space.cells)  # every cell once
     assert set(keys) == {c.key() for c in space.cells}
+    assert {r["device"] for r in rows} == {"cpu"}  # where each cell was counted
     for row in rows:
         expected = reference[_row_key(row)]
         got = (row["n_crafted"], row["n_fooled_source"] if row["protocol"] not in ("noise", "shuffle") else None,

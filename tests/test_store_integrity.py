@@ -22,7 +22,7 @@ from rm_sweep.errors import UserError
 from rm_sweep.spaces import load_space
 from rm_sweep.spec import EnsembleSpec
 from rm_sweep.store import NOT_STORED, Store
-from rm_sweep.tables import MATRIX_SCHEMA, MODELS_SCHEMA
+from rm_sweep.tables import ADDED_LATER, MATRIX_SCHEMA, MODELS_SCHEMA, TABLES
 from scaffold import DUMMY_AWS, ROOT, closed_port, run_command, without_file_override
 from tinystore import add_models, matrix_rows, metrics, space_file, write_tinted_folder
 
@@ -91,15 +91,20 @@ def test_a_foreign_file_is_named_in_one_line(filled: tuple[Store, list], table: 
     assert f"is not a {table} file" in message and "move it out of the store" in message
 
 
-def test_an_older_file_without_later_columns_is_read_with_them_empty(tmp_path: Path) -> None:
+@pytest.mark.parametrize("table", ["models", "matrix"])
+def test_an_older_file_without_later_columns_is_read_with_them_empty(tmp_path: Path, table: str) -> None:
     store = Store(tmp_path)
-    store.add_matrix(matrix_rows("s", ["a"]))
-    old = MATRIX_SCHEMA.remove(MATRIX_SCHEMA.get_field_index("median_queries"))
-    old = old.remove(old.get_field_index("max_queries"))
-    (path,) = (tmp_path / "matrix").iterdir()
-    pq.write_table(pq.read_table(path).select(old.names), path)
-    matrix = Store(tmp_path).matrix()
-    assert len(matrix) == 1 and matrix.median_queries.isna().all() and list(matrix.columns) == MATRIX_SCHEMA.names
+    if table == "models":
+        add_models(store, 1)
+    else:
+        store.add_matrix(matrix_rows("s", ["a"]))
+    later = ADDED_LATER[table]
+    assert later  # else this test tests nothing
+    (path,) = (tmp_path / table).iterdir()
+    pq.write_table(pq.read_table(path).select([n for n in TABLES[table].names if n not in later]), path)
+    rows = getattr(Store(tmp_path), table)()
+    assert len(rows) == 1 and list(rows.columns) == TABLES[table].names
+    assert rows[list(later)].isna().all().all()
 
 
 def test_a_model_whose_checkpoint_is_gone_or_damaged_counts_as_missing(filled: tuple[Store, list]) -> None:

@@ -222,7 +222,7 @@ def test_end_to_end_then_from_the_store(tmp_path: Path, data_dir: Path, capfd: p
     store = Store(tmp_path / "store")
     assert len(store.models()) == 2 and len(store.matrix()) == 2
     # Each row says where and by which code it was made.
-    assert set(store.models()["device"]) == {"cpu"}
+    assert set(store.models()["device"]) == set(store.matrix()["device"]) == {"cpu"}
     assert all(v.startswith(rm_sweep.__version__) for v in store.models()["code_version"])
     assert (tmp_path / "fig14.png").read_bytes().startswith(PNG_SIGNATURE)
     assert tradeoff.main(args) == 0

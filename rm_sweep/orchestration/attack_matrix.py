@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from rm_sweep.ensemble import Ensemble
 from rm_sweep.errors import UserError
-from rm_sweep.evaluate import DefenseCounts, Target, craft
+from rm_sweep.evaluate import DefenseCounts, Target, craft, device_name
 from rm_sweep.orchestration import faults
 from rm_sweep.orchestration.values import MatrixOptions, MatrixReport
 from rm_sweep.protocols import PROTOCOLS, Job
@@ -86,9 +86,9 @@ def shard_targets(targets: Mapping[str, Sequence[str]], shards: int) -> list[dic
     return groups
 
 
-def cell_row(cell: MatrixCell, counts: DefenseCounts) -> dict[str, Any]:
-    """The store's matrix row for a cell and its counts."""
-    return {**asdict(cell), **counts.as_dict()}
+def cell_row(cell: MatrixCell, counts: DefenseCounts, device: str) -> dict[str, Any]:
+    """The store's matrix row for a cell and its counts, computed on ``device`` (``device_name``)."""
+    return {**asdict(cell), **counts.as_dict(), "device": device}
 
 
 # -- remote work -------------------------------------------------------------------------------
@@ -117,14 +117,16 @@ def _craft_task(store_uri: str, members: Sequence[str], plan_: Plan, images: tor
     (for the actors: it stays in the object store)."""
     _use_cpus(cpus)
     start = time.perf_counter()
-    source = _load(Store(store_uri), members, _device(), {})
+    device = _device()
+    source = _load(Store(store_uri), members, device, {})
     job = plan_.job
     adversarial_set = craft(source, images, labels, job.setting(), job.limit, source_id=plan_.source_id,
                             batch_size=batch_size)
     job = Job(job.attack, job.params, job.limit, adversarial_set)
     counts = {c.protocol: PROTOCOLS[c.protocol].count(None, job, images, labels)
               for c in plan_.cells if PROTOCOLS[c.protocol].source == "self"}
-    return {"n_crafted": adversarial_set.n_crafted, "self": counts, "seconds": time.perf_counter() - start}, job
+    return {"n_crafted": adversarial_set.n_crafted, "self": counts, "device": device_name(device),
+            "seconds": time.perf_counter() - start}, job
 
 
 @ray.remote
@@ -143,6 +145,7 @@ class TargetShard:
     def __init__(self, store_uri: str, targets: Mapping[str, Sequence[str]], cpus: float, batch_size: int) -> None:
         _use_cpus(cpus)
         device = _device()
+        self.device = device_name(device)
         store, loaded = Store(store_uri), {}
         # A target that cannot be loaded (its checkpoint deleted since the driver checked) is a
         # UserError raised by the first call, which the driver reports in one line: raised here,
@@ -154,21 +157,17 @@ class TargetShard:
         except UserError as exc:
             self.targets, self.error = {}, exc
 
-    def ready(self) -> list[str]:
-        """The target ids this actor holds (returns once they are loaded)."""
-        if self.error is not None:
-            raise self.error
-        return list(self.targets)
-
     def count(self, job: Job, cells: Sequence[tuple[str, str]], images: torch.Tensor,
-              labels: torch.Tensor) -> dict[tuple[str, str], DefenseCounts]:
-        """Counts of each (protocol, target id) on ``job``; ``images`` (N, C, H, W) uint8 and
-        ``labels`` (N,) are the test images the job's images come from."""
+              labels: torch.Tensor) -> tuple[str, dict[tuple[str, str], DefenseCounts]]:
+        """This actor's device (``device_name``) and the counts of each (protocol, target id) on
+        ``job``; ``images`` (N, C, H, W) uint8 and ``labels`` (N,) are the test images the job's
+        images come from."""
         if self.error is not None:
             raise self.error
         faults.inject("call", "count")
-        return {(protocol, target_id): PROTOCOLS[protocol].count(self.targets[target_id], job, images, labels)
-                for protocol, target_id in cells}
+        return self.device, {(protocol, target_id): PROTOCOLS[protocol].count(self.targets[target_id], job, images,
+                                                                              labels)
+                             for protocol, target_id in cells}
 
     def forward_images(self) -> int:
         """Images this actor has sent through a target so far (clean and attacked)."""
@@ -294,12 +293,13 @@ def run_matrix(
                 report.crafted_images += result["n_crafted"]
                 report.craft_seconds.append(result["seconds"])
                 number = dispatch(p, job_ref)
-                rows[number] += [cell_row(c, result["self"][c.protocol]) for c in p.cells
+                rows[number] += [cell_row(c, result["self"][c.protocol], result["device"]) for c in p.cells
                                  if PROTOCOLS[c.protocol].source == "self"]
             else:
                 number = payload
+                device, counted = result
                 by_key = {(c.protocol, c.target_id): c for c in numbered[number].target_cells}
-                rows[number] += [cell_row(by_key[key], counts) for key, counts in result.items()]
+                rows[number] += [cell_row(by_key[key], counts, device) for key, counts in counted.items()]
                 outstanding[number] -= 1
             if outstanding.get(number) == 0:
                 report.cells += store.add_matrix(rows.pop(number))
