@@ -127,9 +127,8 @@ class Leases:
         path = self._path(model_id)
         if self.files.info(path).type != pafs.FileType.File:
             return None
-        with contextlib.suppress(FileNotFoundError):  # released meanwhile
-            return Lease.from_json(self.files.read(path, f"lease {self.files.display(path)}"))
-        return None
+        data = self.files.read(path, f"lease {self.files.display(path)}", missing_ok=True)  # None: released meanwhile
+        return None if data is None else Lease.from_json(data)
 
     def held_elsewhere(self, model_id: str) -> Lease | None:
         """The model's lease if another run holds it live, else None."""

@@ -75,10 +75,17 @@ class Storage:
         with self.errors(f"list {self.display(directory)}"):
             return sorted(self.fs.get_file_info(selector), key=lambda i: i.path)
 
-    def read(self, path: str, what: str) -> bytes:
-        """The content of the file at ``path`` (``what`` names it in errors)."""
-        with self.errors(f"read {what}", reading=what), self.fs.open_input_stream(path) as f:
-            return f.read()
+    def read(self, path: str, what: str, *, missing_ok: bool = False) -> bytes | None:
+        """The content of the file at ``path`` (``what`` names it in errors); None if it does not
+        exist and ``missing_ok`` (a file another process may delete at any time)."""
+        with self.errors(f"read {what}", reading=what):
+            try:
+                with self.fs.open_input_stream(path) as f:
+                    return f.read()
+            except FileNotFoundError:
+                if missing_ok:
+                    return None
+                raise
 
     def write(self, path: str, data: bytes) -> None:
         """Write ``data`` so readers see the whole file or none of it: locally a temporary file

@@ -67,6 +67,20 @@ def test_a_damaged_lease_file_holds_nothing(tmp_path) -> None:
     assert mine.read("m") is None and mine.acquire("m") is None and mine.read("m").owner == mine.owner
 
 
+def test_a_lease_released_while_it_is_read_holds_nothing(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = Storage(str(tmp_path))
+    plant(files, "m", expires_in=60)
+    seen = files.info
+
+    def seen_then_released(path: str):
+        found = seen(path)
+        files.delete(path)  # its run releases it between the check and the read
+        return found
+
+    monkeypatch.setattr(files, "info", seen_then_released)
+    assert Leases(files, owner("mine")).read("m") is None
+
+
 def test_remove_stale_leaves_a_renewed_lease(tmp_path) -> None:
     files = Storage(str(tmp_path))
     stale = plant(files, "m", expires_in=-1)

@@ -106,17 +106,19 @@ def test_a_planted_training_state_is_reported_and_training_starts_over(
     assert result.epochs_reported[spec.model_id] == [1]
 
 
-def test_a_snapshot_that_is_not_json_is_deleted_and_the_model_trained(
-        local_ray, tmp_path: Path, folder: Path, data_dir: Path) -> None:
+@pytest.mark.parametrize("planted, reason", [(True, "its checkpoint snapshot is not valid JSON"),
+                                              (False, "it has no checkpoint snapshot")])
+def test_a_snapshot_that_is_not_json_or_absent_is_deleted_and_the_model_trained(
+        local_ray, tmp_path: Path, folder: Path, data_dir: Path, planted: bool, reason: str) -> None:
     space = tiny(tmp_path, folder, TWO[:1])
     (spec,) = space.models()
     run = tmp_path / "store" / RUN_DIR / "train" / spec.model_id
-    run.mkdir(parents=True)
-    (run / "checkpoint_manager_snapshot.json").write_bytes(pickle.dumps(Planted(tmp_path / "unpickled")))
+    run.mkdir(parents=True)  # a run killed before its first checkpoint has no snapshot
+    if planted:
+        (run / "checkpoint_manager_snapshot.json").write_bytes(pickle.dumps(Planted(tmp_path / "unpickled")))
     result = train(space, Store(tmp_path / "store"), data_dir=data_dir, verbose=0)
     assert result.ok and result.trained == [spec.model_id] and not (tmp_path / "unpickled").exists()
-    assert result.restarted[spec.model_id] == ("an earlier training state was deleted (its checkpoint snapshot is "
-                                              "not valid JSON)")
+    assert result.restarted[spec.model_id] == f"an earlier training state was deleted ({reason})"
 
 
 def _session_processes() -> list:

@@ -233,13 +233,15 @@ def _check_run(store: Store, model_id: str) -> str | None:
     if model_id not in store.training_runs():
         return None
     run = store.path(RUN_DIR, "train", model_id)
+    data = store.files.read(f"{run}/{SNAPSHOT}", f"Ray Train snapshot of {model_id}", missing_ok=True)
     try:
-        snapshot = json.loads(store.files.read(f"{run}/{SNAPSHOT}", f"Ray Train snapshot of {model_id}"))
-        latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-        problem = f"written by Ray {snapshot.get('ray_version')}, this is Ray {ray.__version__}" \
-            if snapshot.get("ray_version") != ray.__version__ else None
-    except FileNotFoundError:
-        problem, latest = "it has no checkpoint snapshot", None
+        if data is None:
+            problem, latest = "it has no checkpoint snapshot", None
+        else:
+            snapshot = json.loads(data)
+            latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+            problem = f"written by Ray {snapshot.get('ray_version')}, this is Ray {ray.__version__}" \
+                if snapshot.get("ray_version") != ray.__version__ else None
     except (ValueError, AttributeError):
         problem, latest = "its checkpoint snapshot is not valid JSON", None
     if problem is None and latest is not None and (not isinstance(latest, str) or not latest.startswith("checkpoint_")
