@@ -10,13 +10,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from rm_sweep import checks
 from rm_sweep.errors import UserError
-from rm_sweep.store import default_store_uri
+from rm_sweep.store import Store, default_store_uri
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from rm_sweep.spaces import SearchSpace
-    from rm_sweep.store import Store
 
 
 class Parser(argparse.ArgumentParser):
@@ -152,7 +151,6 @@ def space_and_store(args: argparse.Namespace) -> tuple[SearchSpace, Store]:
     """The search space (``args.space``, its data overridden by ``--data``) and the store
     (``--store``) of a command that fills a store from a space."""
     from rm_sweep.spaces import load_space
-    from rm_sweep.store import Store
 
     return load_space(args.space, data=args.data), Store(args.store)
 

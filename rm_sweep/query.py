@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import pandas as pd
 import pyarrow as pa
 
-from rm_sweep import cli, sql_engine
+from rm_sweep import cli
 from rm_sweep.errors import UserError, cli_main
 from rm_sweep.protocols import PROTOCOLS
 from rm_sweep.spec import paper_label
@@ -255,6 +255,8 @@ def sql(store: Store | str, query: str) -> pd.DataFrame:
     Raises:
         UserError: ``SQL: ...``, DuckDB's message in one line.
     """
+    from rm_sweep import sql_engine  # DuckDB: only --sql needs it
+
     return sql_engine.run(_store(store), query).to_pandas()
 
 

@@ -40,16 +40,16 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _dry_run(space: SearchSpace, store: Store) -> None:
-    missing = store.missing(space.models())
-    print(f"{space.name}: {len(space.models()) - len(missing)} of {len(space.models())} models in {store.uri}")
+    specs = space.models()
+    unusable = store.unusable([s.model_id for s in specs])
+    print(f"{space.name}: {len(specs) - len(unusable)} of {len(specs)} models in {store.uri}")
     cli.print_table(pipeline.model_status(space, store))
-    unusable = store.unusable([s.model_id for s in missing])
     cli.print_damaged({m: reason for m, reason in unusable.items() if reason != NOT_STORED}, trained=False)
     leases = Leases(store.files, Owner.new())
-    for spec in missing:
-        lease = leases.held_elsewhere(spec.model_id)
+    for model_id in unusable:
+        lease = leases.held_elsewhere(model_id)
         if lease is not None:
-            print(f"model {spec.model_id}: {lease.describe()}")
+            print(f"model {model_id}: {lease.describe()}")
 
 
 def _report(space: SearchSpace, store: Store, result: SweepResult) -> None:

@@ -22,8 +22,11 @@ from rm_sweep.errors import UserError, cli_main
 from rm_sweep.figures import (check_png_path, draw_fig14, fig14_cells, fig14_rows, fig14_summary, fig14_table,
                               training_scale)
 from rm_sweep.paper_results import fig14_points
+from rm_sweep.recipes import RECIPES
 from rm_sweep.spaces import SearchSpace
 from rm_sweep.store import Store
+
+PAPER_EPOCHS = RECIPES["paper"].epochs
 
 DEFAULT_SPACE = "quick"  # packaged with rm_sweep, so the default works from any directory
 
@@ -106,10 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     if scale == "shortened":
         epochs = sorted(set(store.models().set_index("model_id").loc[rows["target_id"].unique(), "epochs"]))
         print(f"\nNote: trained as the paper's models (full CIFAR-10, width 1, its optimiser and step schedule) but "
-              f"for {', '.join(map(str, epochs))} epochs instead of 350, the steps at the same fractions: clean "
-              "accuracy may fall a point or two short of the paper's.")
+              f"for {', '.join(map(str, epochs))} epochs instead of {PAPER_EPOCHS}, the steps at the same fractions: "
+              "clean accuracy may fall a point or two short of the paper's.")
     if scale == "demo":
-        print("\nNote: this space is a small demo, not the paper's training (full CIFAR-10, width 1, 350 epochs). "
+        print("\nNote: this space is a small demo, not the paper's training (full CIFAR-10, width 1, "
+              f"{PAPER_EPOCHS} epochs). "
               "It shows robustness - black-box defense rising with the shallow drop ratio - not the accuracy "
               "trade-off: every model here is far from its full-training accuracy (the paper's 84-95 %), so its "
               "clean accuracy says little about what masking costs at full size. "

@@ -157,7 +157,7 @@ def run_trials(specs: Sequence[ModelSpec], store: Store, setup: TrialSetup, *, n
             param_space={"model": ray.tune.grid_search([{"model_id": s.model_id, **s.to_dict()} for s in specs])},
             tune_config=ray.tune.TuneConfig(
                 max_concurrent_trials=concurrency, reuse_actors=True, trial_dirname_creator=_trial_dirname,
-                trial_name_creator=functools.partial(_trial_name, {s.model_id: s.label for s in specs})),
+                trial_name_creator=functools.partial(_trial_name, collector.labels)),
             run_config=ray.tune.RunConfig(
                 name=name, storage_path=tune_dir, verbose=2 if verbose >= 2 else 0, callbacks=callbacks,
                 # A trial whose own process dies (its node removed) is retried; its Train run resumes.
