@@ -50,6 +50,13 @@ def tiny(tmp_path: Path, folder: Path, models: list[dict], matrix: list[dict] | 
     return load_space(space_file(tmp_path, folder, models, matrix or [], name=name, epochs=epochs))
 
 
+def trained_two(tmp_path: Path, folder: Path, data_dir: Path) -> tuple[SearchSpace, Store]:
+    """The two models of ``TWO``, trained into ``tmp_path/store``."""
+    space, store = tiny(tmp_path, folder, TWO), Store(tmp_path / "store")
+    assert train(space, store, data_dir=data_dir, verbose=0).ok
+    return space, store
+
+
 def snapshot(checkpoint_dir: str) -> bytes:
     """Ray Train V2's checkpoint manager snapshot (JSON) naming ``checkpoint_dir`` as the latest."""
     result = {"version": 0, "checkpoint_dir_name": checkpoint_dir, "metrics": {"epoch": 1}}
@@ -202,9 +209,7 @@ def test_a_diverging_model_fails_once_with_its_epoch_and_nothing_is_stored(
 
 def test_a_model_whose_checkpoint_was_deleted_is_trained_again(
         local_ray, tmp_path: Path, folder: Path, data_dir: Path) -> None:
-    space = tiny(tmp_path, folder, TWO)
-    store = Store(tmp_path / "store")
-    assert train(space, store, data_dir=data_dir, verbose=0).ok
+    space, store = trained_two(tmp_path, folder, data_dir)
     victim = space.models()[1].model_id
     (tmp_path / "store" / "checkpoints" / f"{victim}.pt").unlink()
     again = train(space, Store(store.uri), data_dir=data_dir, verbose=0)
@@ -286,9 +291,7 @@ def test_a_killed_drivers_training_state_is_resumed_by_the_next_run(
 
 def test_leftover_training_state_of_a_stored_model_is_deleted(
         local_ray, tmp_path: Path, folder: Path, data_dir: Path) -> None:
-    space = tiny(tmp_path, folder, TWO)
-    store = Store(tmp_path / "store")
-    assert train(space, store, data_dir=data_dir, verbose=0).ok
+    space, store = trained_two(tmp_path, folder, data_dir)
     stored = space.models()[0].model_id
     leftover = tmp_path / "store" / RUN_DIR / "train" / stored / "checkpoint_2020-01-01_00-00-00.000000"
     leftover.mkdir(parents=True)
