@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import attack_arguments, median, time_interleaved
 from rm_sweep.attacks import get_setting, pgd
 from rm_sweep.models import create_model
+
+from common import attack_arguments, median, time_interleaved
 
 
 def textbook_pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, step: float,

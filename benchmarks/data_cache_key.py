@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rm_sweep import folders  # noqa: E402
+from rm_sweep import folders
 
 
 def directory_key(root: Path) -> list:

@@ -37,12 +37,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import default_data, default_device  # noqa: E402
 from rm_sweep.data import load_dataset  # noqa: E402
 from rm_sweep.pipeline import train  # noqa: E402
 from rm_sweep.spaces import SearchSpace, parse_space  # noqa: E402
 from rm_sweep.store import Store  # noqa: E402
 from rm_sweep.train import fit  # noqa: E402
+
+from common import default_data, default_device  # noqa: E402
 
 
 def _args() -> argparse.Namespace:

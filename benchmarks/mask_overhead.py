@@ -15,10 +15,11 @@ import json
 import torch
 from torch import nn
 
-from common import default_device, median, time_interleaved
 from rm_sweep.masks import MaskConfig
 from rm_sweep.models import create_model
 from rm_sweep.train import compile_for_training
+
+from common import default_device, median, time_interleaved
 
 
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool):

@@ -25,7 +25,6 @@ from pathlib import Path
 import ray
 import torch
 
-from common import default_device
 from rm_sweep.attacks import get_setting
 from rm_sweep.data import Dataset
 from rm_sweep.evaluate import craft, defense
@@ -37,6 +36,8 @@ from rm_sweep.protocols import Job
 from rm_sweep.spec import MatrixCell, ModelSpec, canonical_json
 from rm_sweep.store import Store
 from rm_sweep.train import fit
+
+from common import default_device
 
 CLASSES = 10
 

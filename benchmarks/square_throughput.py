@@ -20,9 +20,10 @@ import json
 
 import torch
 
-from common import attack_arguments, median, time_interleaved
-from rm_sweep.models import create_model
 from rm_sweep.attacks import square_linf
+from rm_sweep.models import create_model
+
+from common import attack_arguments, median, time_interleaved
 
 
 def main() -> None:

@@ -33,11 +33,12 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from common import default_device, median, sync, time_interleaved
 from rm_sweep.data import DeviceLoader
 from rm_sweep.masks import MaskConfig
 from rm_sweep.models import create_model
 from rm_sweep.train import compile_for_training, compiles_by_default, train_epoch
+
+from common import default_device, median, sync, time_interleaved
 
 
 class InMemoryImages(torch.utils.data.Dataset):

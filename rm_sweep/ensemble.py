@@ -1,7 +1,7 @@
 """Ensembles of models by averaged logits (the paper's "EN": five masks, same settings)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -61,7 +61,7 @@ class MaskConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MaskConfig":
+    def from_dict(cls, d: dict[str, Any]) -> MaskConfig:
         return cls(**checks.known_fields(d, cls.__dataclass_fields__, "mask"))
 
 

@@ -33,8 +33,16 @@ from torch import nn
 from rm_sweep import checks
 from rm_sweep.attacks import SETTINGS, AttackSetting, check_batch
 from rm_sweep.errors import UserError
-from rm_sweep.evaluate import (AdversarialSet, DefenseCounts, Target, as_float, as_target, check_indices, defense,
-                               white_box)
+from rm_sweep.evaluate import (
+    AdversarialSet,
+    DefenseCounts,
+    Target,
+    as_float,
+    as_target,
+    check_indices,
+    defense,
+    white_box,
+)
 from rm_sweep.perturbations import check_grid, check_sigma, gaussian_noise, shuffle_patches
 from rm_sweep.spec import EnsembleSpec, ModelSpec
 

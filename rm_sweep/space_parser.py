@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import itertools
 import re
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from rm_sweep import checks
 from rm_sweep.errors import UserError
@@ -187,7 +188,7 @@ class _Parser:
             members = []
             for seed, mask_seed in ensemble.member_seeds(p["seed"], p["mask_seed"]) if ensemble else [
                     (p["seed"], p["mask_seed"])]:
-                spec = _at(field, lambda: ModelSpec(
+                spec = _at(field, lambda p=p, seed=seed, mask_seed=mask_seed: ModelSpec(
                     arch=p["arch"], width=p["width"], seed=seed,
                     mask=MaskConfig(p["shallow_ratio"], p["deep_ratio"], p["variant"], p["channel_multiplier"], mask_seed),
                     **base))
@@ -242,7 +243,7 @@ class _Parser:
         limit = None if d.get("limit") is None else _check(checks.positive_int, d["limit"], _join(field, "limit"))
         cells: list[MatrixCell] = []
         for protocol in protocols:
-            values = [(f, _at(f, lambda v=v: protocol.cell(v, limit)))
+            values = [(f, _at(f, lambda v=v, protocol=protocol: protocol.cell(v, limit)))
                       for f, v in _as_list(d.get(protocol.values, list(protocol.defaults)), _join(field, protocol.values))]
             for source_id, target_id, kind in _pairs(protocol, sources, targets, field):
                 cells += [MatrixCell(protocol.name, source_id, target_id, kind, attack, canonical_json(params), n)

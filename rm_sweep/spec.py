@@ -16,9 +16,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -189,7 +190,7 @@ class ModelSpec:
         """The resolved training recipe (named recipe with the overrides applied)."""
         return get_recipe(self.recipe, **dict(self.recipe_overrides))
 
-    def create(self, data: "Dataset") -> Classifier:
+    def create(self, data: Dataset) -> Classifier:
         """The untrained network for ``data`` (its size, classes and statistics), initialised
         under ``seed`` and masked under ``mask.seed``."""
         torch.manual_seed(self.seed)
@@ -215,7 +216,7 @@ class ModelSpec:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelSpec:
         """The spec ``to_dict`` wrote; a ``UserError`` if it was written under other definitions."""
         d = dict(d)
         written = {"revision": d.pop("revision", None), "data_scheme": d.pop("data_scheme", None)}
@@ -283,7 +284,7 @@ class EnsembleSpec:
         return {"members": [m.to_dict() for m in self.members], "combine": self.combine}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "EnsembleSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> EnsembleSpec:
         return cls(tuple(ModelSpec.from_dict(m) for m in d["members"]), d.get("combine", "mean_logits"))
 
 

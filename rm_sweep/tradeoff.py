@@ -19,8 +19,15 @@ import pandas as pd
 
 from rm_sweep import cli, pipeline
 from rm_sweep.errors import UserError, cli_main
-from rm_sweep.figures import (check_png_path, draw_fig14, fig14_cells, fig14_rows, fig14_summary, fig14_table,
-                              training_scale)
+from rm_sweep.figures import (
+    check_png_path,
+    draw_fig14,
+    fig14_cells,
+    fig14_rows,
+    fig14_summary,
+    fig14_table,
+    training_scale,
+)
 from rm_sweep.paper_results import fig14_points
 from rm_sweep.recipes import RECIPES
 from rm_sweep.spaces import SearchSpace

@@ -69,9 +69,9 @@ def screenshot(page: Path, png: Path, *, width: int = 1280, height: int = 2000) 
 
 def _sample(png: Path) -> None:
     """A report over a tiny trained store (tests/tinystore.py), photographed as ``png``."""
-    from tinystore import build_filled
-
     from rm_sweep import report
+
+    from tinystore import build_filled
 
     models = [{"name": "source", "seed": 0}, {"name": "normal", "seed": 1},
               {"name": "shallow", "shallow_ratio": [0.5, 0.7], "seed": 1},

@@ -3,8 +3,9 @@ multi-node cluster."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -91,7 +92,7 @@ def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faults]:
 
 
 @pytest.fixture(scope="module")
-def multinode(s3_server: S3Server) -> Iterator["MultiNodeCluster"]:
+def multinode(s3_server: S3Server) -> Iterator[MultiNodeCluster]:
     """Head (0 CPUs) + two 1-CPU worker raylets on this machine, joined by this driver; they inherit
     the S3 credentials from the environment."""
     from multinode import start_cluster

@@ -11,11 +11,11 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from rm_sweep.attacks import (
-    PAPER_TABLE_COLUMNS,
-    SETTINGS,
     CWL2,
     FGSM,
+    PAPER_TABLE_COLUMNS,
     PGD,
+    SETTINGS,
     AttackSetting,
     cw_l2,
     fgsm,
@@ -28,6 +28,7 @@ from rm_sweep.attacks import (
 from rm_sweep.errors import UserError
 from rm_sweep.masks import MaskConfig
 from rm_sweep.models import create_model
+
 from attack_models import random_batch, untrained_cnn
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,8 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from imagefolder import write_image_folder
 from rm_sweep.store import Store
+
+from imagefolder import write_image_folder
 from scaffold import DUMMY_AWS, closed_port, probe_command, tiny_space, without_file_override, write_space
 from tinystore import add_models, matrix_rows
 

@@ -13,6 +13,7 @@ import rm_sweep.__main__ as entry
 from rm_sweep import cli, matrix, pipeline, sweep, tradeoff
 from rm_sweep.errors import cli_main
 from rm_sweep.orchestration.values import SweepResult
+
 from scaffold import ROOT, run_command, write_space
 
 HEAD = "10.0.0.1:6379"  # what ray job submit puts in a job driver's RAY_ADDRESS: the head's GCS

@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 import rm_sweep.folders as folders_mod
-from imagefolder import write_image_folder
 from rm_sweep.data import (
     CROP_PADDING,
     DeviceLoader,
@@ -23,6 +22,8 @@ from rm_sweep.data import (
 )
 from rm_sweep.errors import UserError
 from rm_sweep.spec import DataSpec, parse_data_spec
+
+from imagefolder import write_image_folder
 
 
 @pytest.mark.parametrize("text, spec", [

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from rm_sweep.spaces import load_space
+
 from scaffold import ROOT
 
 pytestmark = pytest.mark.slow

@@ -19,10 +19,10 @@ from rm_sweep.errors import UserError
 from rm_sweep.orchestration.attack_matrix import plan, run_matrix, shard_targets
 from rm_sweep.orchestration.values import MatrixOptions
 from rm_sweep.pipeline import complete, matrix_images, missing_cells
-from rm_sweep.spaces import SearchSpace
+from rm_sweep.spaces import SearchSpace, load_space
 from rm_sweep.spec import MATRIX_KEY
 from rm_sweep.store import Store
-from rm_sweep.spaces import load_space
+
 from tinystore import build, reference_counts, space_file
 
 pytestmark = pytest.mark.ray

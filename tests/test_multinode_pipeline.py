@@ -15,16 +15,17 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("ray")
-import ray._private.state  # noqa: E402
+import ray._private.state
 
-from multinode import MultiNodeCluster  # noqa: E402
-from rm_sweep.orchestration.values import MatrixOptions  # noqa: E402
-from rm_sweep.pipeline import complete, train  # noqa: E402
-from rm_sweep.spaces import SearchSpace, load_space  # noqa: E402
-from rm_sweep.spec import MATRIX_KEY  # noqa: E402
-from rm_sweep.store import RUN_DIR, Store  # noqa: E402
-from s3server import S3Server  # noqa: E402
-from scaffold import tiny_space as space_of, write_space  # noqa: E402
+from rm_sweep.orchestration.values import MatrixOptions
+from rm_sweep.pipeline import complete, train
+from rm_sweep.spaces import SearchSpace, load_space
+from rm_sweep.spec import MATRIX_KEY
+from rm_sweep.store import RUN_DIR, Store
+
+from multinode import MultiNodeCluster
+from s3server import S3Server
+from scaffold import tiny_space as space_of, write_space
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(240)]
 

@@ -19,6 +19,7 @@ from rm_sweep.errors import UserError, cli_main
 from rm_sweep.masks import MaskConfig
 from rm_sweep.spec import EnsembleSpec, ModelSpec, canonical_json
 from rm_sweep.store import Store
+
 from tinystore import write_tinted_folder
 
 PGD = {"attack": "pgd", "eps_255": 8, "step_255": 2, "steps": 7, "random_start": False, "quantise": True}

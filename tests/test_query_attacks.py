@@ -15,10 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-from rm_sweep.errors import UserError
-from attack_models import random_batch, untrained_cnn
 from rm_sweep.attacks import CountingModel, QueryResult, hop_skip_jump, square_linf
 from rm_sweep.attacks.square import square_fraction
+from rm_sweep.errors import UserError
+
+from attack_models import random_batch, untrained_cnn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

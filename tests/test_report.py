@@ -22,8 +22,8 @@ from rm_sweep.data import load_dataset
 from rm_sweep.errors import UserError, cli_main
 from rm_sweep.evaluate import predict
 from rm_sweep.gallery import make_gallery
-from rm_sweep.masks import MaskConfig
 from rm_sweep.heatmaps import heatmap_grid
+from rm_sweep.masks import MaskConfig
 from rm_sweep.paper_results import parse_label, read_table
 from rm_sweep.query import pivot
 from rm_sweep.report_render import cell_text
@@ -31,6 +31,7 @@ from rm_sweep.report_tables import fill_tables
 from rm_sweep.spec import ARCH_NAMES, ModelSpec, canonical_json, paper_label
 from rm_sweep.stats import wilson
 from rm_sweep.store import Store
+
 from scaffold import run_command
 from tinystore import build_filled, write_tinted_folder
 

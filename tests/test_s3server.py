@@ -5,7 +5,7 @@ import json
 import os
 import sys
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 import pandas as pd
 import pyarrow as pa

@@ -12,6 +12,7 @@ from rm_sweep.errors import UserError
 from rm_sweep.protocols import PROTOCOLS
 from rm_sweep.spaces import load_space, packaged_spaces, parse_space
 from rm_sweep.store import Store
+
 from scaffold import ROOT, probe_command, write_space
 
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))

@@ -15,7 +15,9 @@ from rm_sweep.masks import MaskConfig
 from rm_sweep.spec import EnsembleSpec, ModelSpec
 from rm_sweep.store import Store
 from rm_sweep.tables import ENSEMBLES_SCHEMA, MATRIX_SCHEMA, MODELS_SCHEMA
+
 from tinystore import add_models, matrix_rows, metrics, spec, tiny_data
+
 
 # -- ModelSpec -------------------------------------------------------------------------------------
 def test_model_id_is_sha256_of_canonical_json():

@@ -16,13 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from rm_sweep import query
-from rm_sweep.data import load_dataset
 from rm_sweep.atomic import atomic_write_bytes
+from rm_sweep.data import load_dataset
 from rm_sweep.errors import UserError
 from rm_sweep.spaces import load_space
 from rm_sweep.spec import EnsembleSpec
 from rm_sweep.store import NOT_STORED, Store
 from rm_sweep.tables import ADDED_LATER, MATRIX_SCHEMA, MODELS_SCHEMA, TABLES
+
 from scaffold import DUMMY_AWS, ROOT, closed_port, run_command, without_file_override
 from tinystore import add_models, matrix_rows, metrics, space_file, write_tinted_folder
 

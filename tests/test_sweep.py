@@ -16,6 +16,7 @@ from rm_sweep.pipeline import train
 from rm_sweep.spaces import SearchSpace, load_space
 from rm_sweep.store import Store
 from rm_sweep.train import evaluate_accuracy, fit
+
 from scaffold import ROOT, run_command, start_command, tiny_space, write_space
 
 DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"

@@ -8,6 +8,7 @@ import pytest
 
 from rm_sweep import pipeline, sweep
 from rm_sweep.errors import cli_main
+
 from scaffold import write_space
 
 pytest.importorskip("ray")

@@ -21,6 +21,7 @@ from rm_sweep.leases import LEASE_DIR, Lease, Leases, Owner
 from rm_sweep.pipeline import complete, train
 from rm_sweep.spaces import SearchSpace, load_space
 from rm_sweep.store import RUN_DIR, Store
+
 from tinystore import space_file, write_tinted_folder
 
 psutil = pytest.importorskip("psutil")

@@ -23,6 +23,7 @@ from rm_sweep.figures import draw_fig14, fig14_rows, fig14_summary, training_sca
 from rm_sweep.paper_results import fig14_points, read_table, tables8_12
 from rm_sweep.spaces import SearchSpace, load_space
 from rm_sweep.store import Store
+
 from scaffold import run_command
 from tinystore import build_filled, space_file, write_tinted_folder
 

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from imagefolder import write_image_folder
 from rm_sweep.data import Dataset, DeviceLoader, load_dataset
 from rm_sweep.errors import UserError, cli_main
 from rm_sweep.masks import MaskConfig
 from rm_sweep.models import create_model, list_models, load_checkpoint
 from rm_sweep.recipes import get_recipe
 from rm_sweep.train import STATE_FILE, evaluate_accuracy, fit, main
+
+from imagefolder import write_image_folder
 
 
 def test_paper_recipes_are_the_papers() -> None:

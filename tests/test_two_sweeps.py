@@ -11,6 +11,7 @@ import pytest
 from rm_sweep.leases import LEASE_DIR
 from rm_sweep.spaces import load_space
 from rm_sweep.store import RUN_DIR, Store
+
 from scaffold import start_command
 from tinystore import space_file, write_tinted_folder
 

@@ -20,13 +20,14 @@ from rm_sweep.attacks import AttackSetting
 from rm_sweep.data import Dataset, load_dataset
 from rm_sweep.ensemble import Ensemble
 from rm_sweep.evaluate import DefenseCounts, craft, defense, white_box
-from rm_sweep.pipeline import matrix_images
 from rm_sweep.masks import MaskConfig
+from rm_sweep.pipeline import matrix_images
 from rm_sweep.protocols import noise, patch_shuffle
 from rm_sweep.spaces import SearchSpace, load_space
 from rm_sweep.spec import MatrixCell, ModelSpec
 from rm_sweep.store import Store
 from rm_sweep.train import fit
+
 from scaffold import tiny_space, write_space
 
 CLASSES, SIZE = 4, 16

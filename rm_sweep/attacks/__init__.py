@@ -28,8 +28,8 @@ from rm_sweep.attacks.cw import CWL2, cw_l2
 from rm_sweep.attacks.gradient import FGSM, MIFGSM, PGD, fgsm, mifgsm, pgd
 from rm_sweep.attacks.hopskipjump import HopSkipJump, hop_skip_jump
 from rm_sweep.attacks.query import CountingModel, QueryResult
-from rm_sweep.attacks.square import Square, square_linf
 from rm_sweep.attacks.settings import PAPER_TABLE_COLUMNS, SETTINGS, get_setting, list_settings
+from rm_sweep.attacks.square import Square, square_linf
 
 __all__ = [
     "CWL2",

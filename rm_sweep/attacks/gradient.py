@@ -6,8 +6,8 @@ input only, bounds computed once; the model in eval mode with frozen parameters 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

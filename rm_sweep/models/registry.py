@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,7 +38,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = dict(checks.known_fields(d, cls.__dataclass_fields__, "model config"))
         mask = d.pop("mask", None)
         d["mean"], d["std"] = tuple(d.get("mean", ())), tuple(d.get("std", ()))

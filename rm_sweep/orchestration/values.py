@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from rm_sweep import checks
 from rm_sweep.errors import UserError
 
-
 # The Tune function only waits for its trainer (Ray rejects 0 CPUs). Its share comes out of the
 # trial's cpus_per_trial, so N trials of c CPUs fill N * c CPUs exactly: with the share on top,
 # 2 trials of 1 CPU would not fit 2 CPUs and the second worker would wait for the first.
