@@ -18,7 +18,7 @@ from rm_sweep.errors import cli_main
 from rm_sweep.leases import Leases, Owner
 from rm_sweep.orchestration.values import SweepResult
 from rm_sweep.spaces import SearchSpace
-from rm_sweep.store import NOT_STORED, Store
+from rm_sweep.store import Store
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,13 +40,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _dry_run(space: SearchSpace, store: Store) -> None:
-    specs = space.models()
-    unusable = store.unusable([s.model_id for s in specs])
-    print(f"{space.name}: {len(specs) - len(unusable)} of {len(specs)} models in {store.uri}")
-    cli.print_table(pipeline.model_status(space, store))
-    cli.print_damaged({m: reason for m, reason in unusable.items() if reason != NOT_STORED}, trained=False)
+    models = pipeline.model_status(space, store)
+    todo = models.loc[models["status"] != "stored", "model_id"].tolist()
+    print(f"{space.name}: {len(models) - len(todo)} of {len(models)} models in {store.uri}")
+    cli.print_table(models)
+    damaged = models.loc[models["status"] == "damaged", "model_id"].tolist()
+    if damaged:  # the table says which; their reasons are looked up for them alone
+        cli.print_damaged(store.unusable(damaged), trained=False)
     leases = Leases(store.files, Owner.new())
-    for model_id in unusable:
+    for model_id in todo:
         lease = leases.held_elsewhere(model_id)
         if lease is not None:
             print(f"model {model_id}: {lease.describe()}")
