@@ -376,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.what == "pivot":
         if not args.setting:
             raise UserError("pivot needs --setting (e.g. --setting madry_pgd)")
-        grid = pivot(store, args.setting, protocol=args.protocol, value=args.value, where=args.where, ids=args.ids)
+        with store.snapshot():  # a pivot reads the models for its labels, its order and its Acc column
+            grid = pivot(store, args.setting, protocol=args.protocol, value=args.value, where=args.where, ids=args.ids)
         write(grid, args.format, args.out, index=True)
     elif args.what is not None:
         columns = [c.strip() for c in args.columns.split(",")] if args.columns else None

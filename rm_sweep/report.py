@@ -166,6 +166,11 @@ def _gallery(store: Store, data: str | None, data_dir: str | None, images: int, 
 def build(store: Store, figures: Path, *, data: str | None = None, data_dir: str | None = None,
           images: int = IMAGES) -> Report:
     """Every section of the report from ``store``; figures are written under ``figures``."""
+    with store.snapshot():  # every heatmap and table reads the same tables: list them once
+        return _build(store, figures, data=data, data_dir=data_dir, images=images)
+
+
+def _build(store: Store, figures: Path, *, data: str | None, data_dir: str | None, images: int) -> Report:
     report = Report()
     filled = fill_tables(store)
     report.tables = [f.table.title for f in filled]

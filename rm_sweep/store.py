@@ -34,8 +34,9 @@ import hashlib
 import io
 import os
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,7 @@ class Store:
         # path, size and mtime.
         self._cache: dict[tuple[str, int, Any], pa.Table] = {}
         self._checked: dict[tuple[str, int, Any], str | None] = {}
+        self._listings: dict[str, list[pafs.FileInfo]] | None = None  # set inside ``snapshot``
 
     def __repr__(self) -> str:
         return f"Store({self.uri!r})"
@@ -133,6 +135,20 @@ class Store:
         self.files.check_writable()
 
     # -- reading -------------------------------------------------------------------------------
+    @contextmanager
+    def snapshot(self) -> Iterator[Store]:
+        """Within it, each directory of the store is listed once: a reader that asks for the same
+        tables many times (the report pivots models, ensembles and matrix for every heatmap) sees
+        one view of the store and costs one listing per table (on S3, one LIST request) instead of
+        one per question. A write through this ``Store`` is seen at once; files other processes
+        add meanwhile are seen after it."""
+        outer = self._listings
+        self._listings = {} if outer is None else outer
+        try:
+            yield self
+        finally:
+            self._listings = outer
+
     def missing(self, specs: Sequence[ModelSpec]) -> list[ModelSpec]:
         """The specs (in order) whose model the store cannot serve (``unusable``): the one rule
         for "what is left to train", used by every command."""
@@ -191,8 +207,13 @@ class Store:
         return {Path(p).stem for p in self._files("models")}
 
     def has_model(self, model_id: str) -> bool:
-        """Whether the store can serve the model (``unusable`` names nothing)."""
-        return not self.unusable([model_id])
+        """Whether the store can serve the model (``unusable``'s rule for one model): two file
+        lookups and the checkpoint's zip directory, not a listing of the whole store, because
+        every trial asks it."""
+        if not self._exists(self.path("models", f"{model_id}.parquet")):
+            return False
+        info = self.files.info(self.path("checkpoints", f"{model_id}.pt"))
+        return info.type == pafs.FileType.File and self._checkpoint_problem(info) is None
 
     def has_ensemble(self, ensemble_id: str) -> bool:
         return self._exists(self.path("ensembles", f"{ensemble_id}.parquet"))
@@ -296,7 +317,13 @@ class Store:
         return self.files.info(path).type == pafs.FileType.File
 
     def _infos(self, directory: str, suffix: str = ".parquet") -> list[pafs.FileInfo]:
-        return [i for i in self.files.listing(self.path(directory)) if i.type == pafs.FileType.File
+        if self._listings is None:
+            listing = self.files.listing(self.path(directory))
+        elif directory in self._listings:
+            listing = self._listings[directory]
+        else:
+            listing = self._listings[directory] = self.files.listing(self.path(directory))
+        return [i for i in listing if i.type == pafs.FileType.File
                 and i.base_name.endswith(suffix) and not i.base_name.startswith((".", "_"))]
 
     def _files(self, table: str) -> list[str]:
@@ -346,6 +373,8 @@ class Store:
 
     def _write(self, path: str, data: bytes) -> None:
         self.files.write(path, data)
+        if self._listings is not None:  # a snapshot sees its own writes
+            self._listings.clear()
 
 
 __all__ = ["NOT_STORED", "RUN_DIR", "Store", "default_store_uri"]

@@ -244,6 +244,19 @@ def test_markdown_and_latex_hold_the_same_tables(handmade: Store, handmade_repor
         assert f"## {title} (paper vs ours)" in markdown
 
 
+def test_the_report_lists_each_directory_of_the_store_once(handmade: Store, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every heatmap and paper table reads the same tables: on S3 each listing is a request, so
+    a report of six heatmaps lists each table once, not once per question."""
+    store = Store(handmade.uri)
+    listed: list[str] = []
+    listing = store.files.listing
+    monkeypatch.setattr(store.files, "listing", lambda directory: listed.append(directory) or listing(directory))
+    built = report.build(store, tmp_path / "figures")
+    assert built.heatmaps >= 4 and len(built.tables) == len(_PAPER)
+    assert sorted(listed) == sorted(set(listed)) and len(listed) == 3, listed
+
+
 def test_without_fig14_cells_the_section_says_so(tmp_path: Path) -> None:
     """As a user runs it: a store without Fig. 14 cells still renders, and Ray is never imported."""
     store = _handmade(tmp_path, [c for c in CELLS if c[0] == "white"])

@@ -19,13 +19,14 @@ from rm_sweep import query
 from rm_sweep.atomic import atomic_write_bytes
 from rm_sweep.data import load_dataset
 from rm_sweep.errors import UserError
+from rm_sweep.masks import MaskConfig
 from rm_sweep.spaces import load_space
 from rm_sweep.spec import EnsembleSpec
 from rm_sweep.store import NOT_STORED, Store
 from rm_sweep.tables import ADDED_LATER, MATRIX_SCHEMA, MODELS_SCHEMA, TABLES
 
 from scaffold import DUMMY_AWS, ROOT, closed_port, run_command, without_file_override
-from tinystore import add_models, matrix_rows, metrics, space_file, write_tinted_folder
+from tinystore import add_models, matrix_rows, metrics, space_file, spec, tiny_data, write_tinted_folder
 
 
 @pytest.fixture
@@ -121,9 +122,51 @@ def test_a_model_whose_checkpoint_is_gone_or_damaged_counts_as_missing(filled: t
     assert fresh.unusable([s.model_id for s in specs] + ["0" * 16]) == {
         gone.model_id: "its checkpoint is missing", cut.model_id: "its checkpoint is damaged (not a whole torch file)",
         "0" * 16: NOT_STORED}
-    assert not fresh.has_model(gone.model_id) and fresh.has_model(kept.model_id)
     with pytest.raises(UserError, match=f"no checkpoint for model {gone.model_id}; it counts as missing"):
         fresh.load_model(gone.model_id)
+
+
+def test_has_model_is_the_unusable_rule_for_one_model_without_listing_the_store(
+        filled: tuple[Store, list], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every trial asks ``has_model``: it must agree with ``unusable`` (a deleted, a cut and an
+    empty checkpoint, a kept model, an unknown id) yet never list the store's directories."""
+    store, added = filled
+    (gone, _), (cut, _), (kept, _) = added
+    empty = spec(mask=MaskConfig(shallow_ratio=0.5, seed=7))
+    store.add_model(empty, metrics(), empty.create(tiny_data()))
+    store.filesystem.delete_file(store.path("checkpoints", f"{gone.model_id}.pt"))
+    data = store.read_checkpoint_bytes(cut.model_id)
+    with store.filesystem.open_output_stream(store.path("checkpoints", f"{cut.model_id}.pt")) as f:
+        f.write(data[: len(data) // 2])
+    with store.filesystem.open_output_stream(store.path("checkpoints", f"{empty.model_id}.pt")):
+        pass
+    ids = [gone.model_id, cut.model_id, empty.model_id, kept.model_id, "0" * 16]
+    unusable = Store(store.uri).unusable(ids)
+    assert set(unusable) == set(ids) - {kept.model_id}
+    fresh = Store(store.uri)
+    monkeypatch.setattr(fresh.files, "listing", lambda directory: pytest.fail(f"has_model listed {directory}"))
+    assert [fresh.has_model(m) for m in ids] == [m not in unusable for m in ids]
+
+
+def test_a_snapshot_lists_each_table_once_and_sees_its_own_writes(
+        filled: tuple[Store, list], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside ``snapshot`` the tables are listed once however often they are read (the report
+    reads them for every heatmap); a write through the same ``Store`` shows at once, another
+    process's write after the snapshot ends."""
+    store, _ = filled
+    fresh, other = Store(store.uri), Store(store.uri)
+    listed: list[str] = []
+    listing = fresh.files.listing
+    monkeypatch.setattr(fresh.files, "listing", lambda directory: listed.append(directory) or listing(directory))
+    with fresh.snapshot():
+        for _ in range(3):
+            frames = fresh.models(), fresh.matrix(), fresh.ensembles(), query.pivot(fresh, "madry_pgd")
+        assert len(listed) == len(set(listed)) == 3 and len(frames[1]) == 3
+        other.add_matrix(matrix_rows("s", ["d"]))
+        assert len(fresh.matrix()) == 3  # the snapshot's view
+        fresh.add_matrix(matrix_rows("s", ["e"]))
+        assert set(fresh.matrix()["target_id"]) == {"a", "b", "c", "d", "e"}  # its own write: listed again
+    assert len(fresh.matrix()) == 5
 
 
 def test_the_sweep_names_each_model_that_counts_as_missing(tmp_path: Path) -> None:
@@ -133,8 +176,8 @@ def test_the_sweep_names_each_model_that_counts_as_missing(tmp_path: Path) -> No
     space = load_space(space_file(tmp_path, folder, [{"name": "m", "seed": [0, 1, 2]}], [], epochs=1))
     data = load_dataset(space.data, data_dir=tmp_path / "cache")
     store = Store(tmp_path / "store")
-    for spec in space.models():
-        store.add_model(spec, metrics(), spec.create(data))
+    for model in space.models():
+        store.add_model(model, metrics(), model.create(data))
     gone, cut, kept = (s.model_id for s in space.models())
     (tmp_path / "store" / "checkpoints" / f"{gone}.pt").unlink()
     path = tmp_path / "store" / "checkpoints" / f"{cut}.pt"
