@@ -12,6 +12,7 @@ line and exit status 2.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from rm_sweep import cli, pipeline
 from rm_sweep.errors import cli_main
@@ -19,6 +20,9 @@ from rm_sweep.leases import Leases, Owner
 from rm_sweep.orchestration.values import SweepResult
 from rm_sweep.spaces import SearchSpace
 from rm_sweep.store import Store
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,19 +43,24 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _dry_run(space: SearchSpace, store: Store) -> None:
-    models = pipeline.model_status(space, store)
-    todo = models.loc[models["status"] != "stored", "model_id"].tolist()
-    print(f"{space.name}: {len(models) - len(todo)} of {len(models)} models in {store.uri}")
+def print_models(models: pd.DataFrame, store: Store) -> None:
+    """Print ``pipeline.model_status``'s table (a dry run: nothing trained), then why each damaged
+    model is unusable and which missing ones another run is training now."""
     cli.print_table(models)
     damaged = models.loc[models["status"] == "damaged", "model_id"].tolist()
     if damaged:  # the table says which; their reasons are looked up for them alone
         cli.print_damaged(store.unusable(damaged), trained=False)
     leases = Leases(store.files, Owner.new())
-    for model_id in todo:
+    for model_id in models.loc[models["status"] != "stored", "model_id"]:
         lease = leases.held_elsewhere(model_id)
         if lease is not None:
             print(f"model {model_id}: {lease.describe()}")
+
+
+def _dry_run(space: SearchSpace, store: Store) -> None:
+    models = pipeline.model_status(space, store)
+    print(f"{space.name}: {(models['status'] == 'stored').sum()} of {len(models)} models in {store.uri}")
+    print_models(models, store)
 
 
 def _report(space: SearchSpace, store: Store, result: SweepResult) -> None:

@@ -32,6 +32,7 @@ from rm_sweep.paper_results import fig14_points
 from rm_sweep.recipes import RECIPES
 from rm_sweep.spaces import SearchSpace
 from rm_sweep.store import Store
+from rm_sweep.sweep import print_models
 
 PAPER_EPOCHS = RECIPES["paper"].epochs
 
@@ -74,7 +75,7 @@ def dry_run(space: SearchSpace, store: Store) -> None:
     print(f"{space.name}: {len(models) - todo_models} of {len(models)} models and {len(cells) - todo_cells} of "
           f"{len(cells)} matrix cells in {store.uri}; a run would train {todo_models} model(s) and compute "
           f"{todo_cells} cell(s), then draw the figure (dry run: nothing started)\n")
-    cli.print_table(models)
+    print_models(models, store)
     print()
     cli.print_table(cells)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import matplotlib.image
@@ -17,9 +18,10 @@ import pytest
 import scipy.stats
 
 import rm_sweep
-from rm_sweep import tradeoff
+from rm_sweep import sweep, tradeoff
 from rm_sweep.errors import UserError
 from rm_sweep.figures import draw_fig14, fig14_rows, fig14_summary, training_scale
+from rm_sweep.leases import Leases, Owner
 from rm_sweep.paper_results import fig14_points, read_table, tables8_12
 from rm_sweep.spaces import SearchSpace, load_space
 from rm_sweep.store import Store
@@ -121,6 +123,33 @@ def test_dry_run_of_a_full_store_has_nothing_to_do(filled: tuple[SearchSpace, St
                            f"{store.uri}; a run would train 0 model(s) and compute 0 cell(s)")
     assert text.count(" stored") == models + cells and " missing" not in text
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["sweep", "tradeoff"])
+def test_dry_runs_say_why_a_model_is_damaged_and_who_trains_a_missing_one(
+        filled: tuple[SearchSpace, Store, Path], tmp_path: Path, capsys: pytest.CaptureFixture, command: str) -> None:
+    """Both commands' dry runs list the models the same way: a damaged model with its reason, a
+    missing one that another live run has leased with that run."""
+    space, store, _ = filled
+    copy = Store(shutil.copytree(store.uri, tmp_path / "store"))
+    damaged, leased = space.models()[1].model_id, space.models()[2].model_id
+    checkpoint = tmp_path / "store" / "checkpoints" / f"{damaged}.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+    (tmp_path / "store" / "models" / f"{leased}.parquet").unlink()
+    other = Leases(copy.files, Owner.new())
+    assert other.acquire(leased) is None  # the other run holds it now
+    if command == "sweep":
+        assert sweep.main([space.path, "--store", copy.uri, "--dry-run"]) == 0
+    else:
+        assert tradeoff.main(["--space", space.path, "--store", copy.uri, "--out", str(tmp_path / "f.png"),
+                              "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"model {damaged}: its checkpoint is damaged (not a whole torch file); it counts as missing: the next " \
+           "sweep trains it again" in lines
+    assert f"model {leased}: {other.read(leased).describe()}" in lines
+    status = {line.split()[0]: line.split()[-3] for line in lines if line.split() and line.split()[0] in
+              (damaged, leased)}
+    assert status == {damaged: "damaged", leased: "missing"}
 
 
 def test_dry_run_of_the_default_space_from_elsewhere_starts_nothing(tmp_path: Path) -> None:
