@@ -155,10 +155,19 @@ def space_and_store(args: argparse.Namespace) -> tuple[SearchSpace, Store]:
     return load_space(args.space, data=args.data), Store(args.store)
 
 
+def existing_store(uri: str) -> Store:
+    """The store at ``uri`` for a command that only reads it; a ``UserError`` if nothing is there."""
+    store = Store(uri)
+    if not store.exists():
+        raise UserError(f"no store at {uri} (run python -m rm_sweep.tradeoff or rm_sweep.sweep first)")
+    return store
+
+
 def verbosity(args: argparse.Namespace) -> int:
     """0 (``--quiet``), 1 (progress bars, the default) or 2 (``--verbose``: Ray's output too)."""
     return 0 if args.quiet else 2 if args.verbose else 1
 
 
-__all__ = ["Parser", "add_cluster", "add_data", "add_pipeline", "add_store", "count", "default_address", "mlflow_uri",
+__all__ = ["Parser", "add_cluster", "add_data", "add_pipeline", "add_store", "count", "default_address", "existing_store",
+           "mlflow_uri",
            "output_file", "parser", "positive", "print_damaged", "print_table", "seed", "space_and_store", "verbosity"]

@@ -366,9 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     if args.out is not None:
         cli.output_file(args.out)
-    store = Store(args.store)
-    if not store.exists():
-        raise UserError(f"no store at {args.store} (run python -m rm_sweep.tradeoff or rm_sweep.sweep first)")
+    store = cli.existing_store(args.store)
     if args.sql is not None:
         if args.what is not None:
             raise UserError("--sql takes no table or pivot argument")

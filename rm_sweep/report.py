@@ -17,13 +17,15 @@ import argparse
 import datetime as dt
 import html
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.fs as pafs
 from matplotlib.figure import Figure
 
 from rm_sweep import cli
+from rm_sweep.atomic import atomic_write_bytes
 from rm_sweep.errors import UserError, cli_main
 from rm_sweep.figures import draw_fig14, fig14_rows, fig14_summary, fig14_table, training_scale
 from rm_sweep.gallery import IMAGES, draw_gallery, gallery_html, make_gallery
@@ -63,15 +65,8 @@ def output_paths(out: str | Path) -> tuple[Path, Path, Path, Path]:
         raise UserError(f"--out {out} is a directory; give the report's file name, e.g. {out / 'report.html'}")
     if out.suffix.lower() != ".html":
         raise UserError(f"--out must name an .html file (its .md, _tables.tex and _figures/ go beside it), got {out}")
+    cli.output_file(str(out), make_parent=True)
     return out, out.with_suffix(".md"), out.with_name(f"{out.stem}_tables.tex"), out.with_name(f"{out.stem}_figures")
-
-
-def open_store(uri: str) -> Store:
-    """The store at ``uri``; a ``UserError`` if there is none."""
-    store = Store(uri)
-    if store.filesystem.get_file_info(store.path()).type != pafs.FileType.Directory:
-        raise UserError(f"no store at {uri} (run python -m rm_sweep.tradeoff or rm_sweep.sweep first)")
-    return store
 
 
 def _save(figure: Figure, figures: Path, name: str) -> bytes:
@@ -213,12 +208,20 @@ def main(argv: list[str] | None = None) -> int:
     out, markdown, latex, figures = output_paths(args.out)
     if args.data is not None:
         parse_data_spec(args.data)
-    store = open_store(args.store)
-    report = build(store, figures, data=args.data, data_dir=args.data_dir, images=args.images)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report.html, encoding="utf-8")
-    markdown.write_text(report.markdown, encoding="utf-8")
-    latex.write_text(report.latex, encoding="utf-8")
+    store = cli.existing_store(args.store)
+    # Figures are drawn into a staging folder and moved beside --out once the whole report is
+    # made, so a report that fails half way (a --data that is not the models', a damaged store
+    # file) leaves no files behind.
+    with tempfile.TemporaryDirectory(prefix="rm_sweep-report-") as staging:
+        staged = Path(staging) / figures.name
+        report = build(store, staged, data=args.data, data_dir=args.data_dir, images=args.images)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if staged.is_dir():
+            figures.mkdir(exist_ok=True)
+            for path in staged.iterdir():
+                shutil.move(path, figures / path.name)
+    for path, text in ((out, report.html), (markdown, report.markdown), (latex, report.latex)):
+        atomic_write_bytes(path, text.encode())
     gallery = (f"{report.gallery_rows} image(s) x {report.gallery_sources} source(s)" if report.gallery_rows
                else "none (give --data)" if args.data is None else "no images")
     print(f"{out}: Fig. 14 {'drawn' if report.fig14 else 'not in the store'}; {len(report.tables)} paper table(s)"
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["Report", "build", "main", "open_store", "output_paths"]
+__all__ = ["Report", "build", "main", "output_paths"]
 
 if __name__ == "__main__":
     cli_main(main)

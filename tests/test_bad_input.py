@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from rm_sweep.__main__ import COMMANDS
 from rm_sweep.store import Store
 
 from imagefolder import write_image_folder
@@ -113,6 +114,18 @@ CASES = [
     ("query-sql-table", "query", ["models", "--sql", "SELECT 1"], "--sql takes no table"),
     ("query-foreign", "query", ["models", "--store", "foreign"], "is not a models file: its column seed is double"),
     ("query-s3", "query", ["--store", UNREACHABLE], "cannot reach the endpoint 127.0.0.1:"),
+    # python -m rm_sweep.report
+    ("report-store-file", "report", ["--store", "afile"], "store afile is a file"),
+    ("report-no-store", "report", ["--store", "nowhere"], "no store at nowhere"),
+    ("report-s3", "report", ["--store", UNREACHABLE], "cannot reach the endpoint 127.0.0.1:"),
+    ("report-foreign", "report", ["--store", "foreign"], "is not a models file: its column seed is double"),
+    ("report-out-dir", "report", ["--out", "adir"], "--out adir is a directory"),
+    ("report-out-pdf", "report", ["--out", "report.pdf"], "--out must name an .html file"),
+    ("report-out-under-file", "report", ["--out", "afile/report.html"], "afile is not a directory"),
+    ("report-data", "report", ["--data", "imagenet"], "unknown data set"),
+    # found after the figures are drawn: none of them may be left behind
+    ("report-data-other", "report", ["--data", "folder:trainonly"], "is not a data set the store's models were"),
+    ("report-images", "report", ["--images", "0"], "argument --images: value must be a positive integer"),
 ]
 READ_ONLY = {"sweep-read-only", "matrix-read-only"}
 
@@ -169,7 +182,7 @@ def _run(world: Path, case: tuple) -> tuple[int, str, str]:
 
 def test_the_table_covers_every_command() -> None:
     assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
-    assert {c[1] for c in CASES} == {"train", "sweep", "matrix", "tradeoff", "query"}
+    assert {c[1] for c in CASES} == set(COMMANDS)  # a new command comes with its bad input
 
 
 def test_bad_input_exits_2_with_one_line_and_changes_no_store(world: Path) -> None:
@@ -193,7 +206,8 @@ def test_good_input_to_the_same_world_works(world: Path) -> None:
     """The control: the cases fail for the reason they name, not because the world is broken."""
     for command, args, expected in [("sweep", ["space.yaml", "--dry-run"], "bad: 0 of 2 models in store"),
                                     ("query", ["models", "--format", "csv"], "model_id,"),
-                                    ("query", ["pivot", "--setting", "madry_pgd", "--ids"], "target")]:
+                                    ("query", ["pivot", "--setting", "madry_pgd", "--ids"], "target"),
+                                    ("report", ["--out", str(world.parent / "report" / "r.html")], "1 heatmap(s)")]:
         proc = probe_command(f"rm_sweep.{command}", *args, cwd=world, env={"RM_SWEEP_DATA_DIR": str(world / "cache")})
         stdout, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0 and expected in stdout and stdout.rstrip().endswith("ray not imported"), stderr
