@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,7 +102,8 @@ def print_table(frame: pd.DataFrame) -> None:
 
 def output_file(text: str, flag: str = "--out", *, make_parent: bool = False) -> Path:
     """A file a command will write: not a directory, in a directory that exists (or, with
-    ``make_parent``, can be created). Checked before any work, so a typo costs a second."""
+    ``make_parent``, can be created) and that this process may write in (a probe file is
+    created and deleted). Checked before any work, so a typo costs a second, not a run."""
     path = Path(text)
     if path.is_dir():
         raise UserError(f"{flag} {text} is a directory; give a file name")
@@ -111,6 +113,12 @@ def output_file(text: str, flag: str = "--out", *, make_parent: bool = False) ->
     if not parent.is_dir():
         problem = "is not a directory" if parent.exists() else "does not exist"
         raise UserError(f"{flag} {text}: {parent} {problem}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".rm_sweep-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"{flag} {text}: cannot write in {parent} ({exc.strerror})") from None
     return path
 
 

@@ -27,13 +27,13 @@ import re
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 
 from rm_sweep import cli
+from rm_sweep.atomic import atomic_write_bytes
 from rm_sweep.errors import UserError, cli_main
 from rm_sweep.protocols import PROTOCOLS
 from rm_sweep.spec import paper_label
@@ -311,7 +311,7 @@ def write(frame: pd.DataFrame, fmt: str, out: str | None, *, index: bool = False
         buffer = io.BytesIO()
         (frame if index else frame.reset_index(drop=True)).to_parquet(buffer, index=index)
         if out:
-            Path(out).write_bytes(buffer.getvalue())
+            atomic_write_bytes(out, buffer.getvalue())
         elif sys.stdout.isatty():
             raise UserError("--format parquet writes binary: give --out FILE or redirect stdout")
         else:
@@ -329,7 +329,7 @@ def write(frame: pd.DataFrame, fmt: str, out: str | None, *, index: bool = False
                                "display.max_colwidth", 60):
             text = (frame.to_string(index=index) if len(frame) else "(no rows)") + "\n"
     if out:
-        Path(out).write_text(text)
+        atomic_write_bytes(out, text.encode())
     else:
         sys.stdout.write(text)
 

@@ -98,6 +98,8 @@ CASES = [
     ("tradeoff-out-jpg", "tradeoff", ["--space", "space.yaml", "--out", "fig.jpg"], "must be a .png file"),
     ("tradeoff-out-under-file", "tradeoff", ["--space", "space.yaml", "--out", "afile/fig.png"],
      "afile is not a directory"),
+    ("tradeoff-out-read-only", "tradeoff", ["--space", "space.yaml", "--out", "readonly/fig.png"],
+     "--out readonly/fig.png: cannot write in readonly (Permission denied)"),
     ("tradeoff-no-cells", "tradeoff", ["--space", "nofig.yaml"], "no Fig. 14 cells"),
     ("tradeoff-store-file", "tradeoff", ["--space", "space.yaml", "--store", "afile"], "store afile is a file"),
     ("tradeoff-paper", "tradeoff", ["--paper", "maybe"], "argument --paper: invalid choice"),
@@ -109,6 +111,8 @@ CASES = [
     ("query-pivot-setting", "query", ["pivot"], "pivot needs --setting"),
     ("query-out-dir", "query", ["models", "--out", "adir"], "--out adir is a directory"),
     ("query-out-missing", "query", ["models", "--out", "missing/models.csv"], "missing does not exist"),
+    ("query-out-read-only", "query", ["models", "--out", "readonly/models.csv"],
+     "--out readonly/models.csv: cannot write in readonly (Permission denied)"),
     ("query-where", "query", ["models", "--where", "seed=abc"], "column is numeric"),
     ("query-columns", "query", ["models", "--columns", "nope"], "no column 'nope' in models"),
     ("query-sql-table", "query", ["models", "--sql", "SELECT 1"], "--sql takes no table"),
@@ -121,13 +125,16 @@ CASES = [
     ("report-foreign", "report", ["--store", "foreign"], "is not a models file: its column seed is double"),
     ("report-out-dir", "report", ["--out", "adir"], "--out adir is a directory"),
     ("report-out-pdf", "report", ["--out", "report.pdf"], "--out must name an .html file"),
+    ("report-out-read-only", "report", ["--out", "readonly/report.html"],
+     "--out readonly/report.html: cannot write in readonly (Permission denied)"),
     ("report-out-under-file", "report", ["--out", "afile/report.html"], "afile is not a directory"),
     ("report-data", "report", ["--data", "imagenet"], "unknown data set"),
     # found after the figures are drawn: none of them may be left behind
     ("report-data-other", "report", ["--data", "folder:trainonly"], "is not a data set the store's models were"),
     ("report-images", "report", ["--images", "0"], "argument --images: value must be a positive integer"),
 ]
-READ_ONLY = {"sweep-read-only", "matrix-read-only"}
+READ_ONLY = {"sweep-read-only", "matrix-read-only", "query-out-read-only", "tradeoff-out-read-only",
+             "report-out-read-only"}
 
 
 @pytest.fixture(scope="module")
