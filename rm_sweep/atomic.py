@@ -31,6 +31,19 @@ def file_mode() -> int:
     return 0o666 & ~umask()
 
 
+def cannot_write_in(directory: str | os.PathLike) -> str | None:
+    """None if this process can create files in ``directory`` (an existing directory), else
+    why not in the OS's words: a hidden probe file is created and deleted, which, unlike
+    ``os.access``, answers for ACLs, read-only mounts and root without its capabilities."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".rm_sweep-probe-")
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``.
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rm_sweep import checks
+from rm_sweep.atomic import cannot_write_in
 from rm_sweep.errors import UserError
 from rm_sweep.store import Store, default_store_uri
 
@@ -113,13 +113,30 @@ def output_file(text: str, flag: str = "--out", *, make_parent: bool = False) ->
     if not parent.is_dir():
         problem = "is not a directory" if parent.exists() else "does not exist"
         raise UserError(f"{flag} {text}: {parent} {problem}")
-    try:
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=".rm_sweep-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise UserError(f"{flag} {text}: cannot write in {parent} ({exc.strerror})") from None
+    _check_writable(parent, f"{flag} {text}")
     return path
+
+
+def output_dir(text: str, holds: str, flag: str = "--out") -> Path:
+    """A directory a command will create (with its parents) or write into, ``holds`` saying what
+    for: not a file, and this process may write where it is or would be created. Checked
+    before any work."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {text} is a file; it names {holds}")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {text}: {existing} is not a directory")
+    _check_writable(existing, f"{flag} {text}")
+    return path
+
+
+def _check_writable(directory: Path, what: str) -> None:
+    reason = cannot_write_in(directory)
+    if reason is not None:
+        raise UserError(f"{what}: cannot write in {directory} ({reason})")
 
 
 def print_damaged(damaged: Mapping[str, str], *, trained: bool) -> None:
@@ -177,5 +194,5 @@ def verbosity(args: argparse.Namespace) -> int:
 
 
 __all__ = ["Parser", "add_cluster", "add_data", "add_pipeline", "add_store", "count", "default_address", "existing_store",
-           "mlflow_uri",
-           "output_file", "parser", "positive", "print_damaged", "print_table", "seed", "space_and_store", "verbosity"]
+           "mlflow_uri", "output_dir", "output_file", "parser", "positive", "print_damaged", "print_table", "seed",
+           "space_and_store", "verbosity"]

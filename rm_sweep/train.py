@@ -337,9 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                       channel_multiplier=args.channel_multiplier,
                       seed=args.seed if args.mask_seed is None else args.mask_seed)
     device = resolve_device(args.device)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; it names the run directory (training state and model.pt)")
+    out = cli.output_dir(args.out, "the run directory (training state and model.pt)")
     # Subsets use seed 0 whatever --seed is, so runs that differ in seed see the same images.
     data = load_dataset(spec, data_dir=args.data_dir, train_subset=args.train_subset, test_subset=args.test_subset)
     torch.manual_seed(args.seed)

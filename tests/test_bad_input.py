@@ -66,6 +66,10 @@ CASES = [
     ("train-batch-1", "train", _train("--batch-size", "1"), "BatchNorm needs 2 images"),
     ("train-subset", "train", _train("--train-subset", "2"), "train_subset must be an integer of at least 3"),
     ("train-no-out", "train", _train(drop="--out"), "the following arguments are required: --out"),
+    ("train-out-read-only", "train", _train("--out", "readonly/run"),
+     "--out readonly/run: cannot write in readonly (Permission denied)"),
+    ("train-data-dir-read-only", "train", _train("--data-dir", "readonly/cache"),
+     "data dir readonly/cache: cannot write the decoded data set there (Permission denied)"),
     # python -m rm_sweep.sweep
     ("sweep-no-space", "sweep", ["nowhere.yaml"], "nowhere.yaml: cannot read the search space"),
     ("sweep-yaml", "sweep", ["broken.yaml"], "broken.yaml: not valid YAML"),
@@ -78,6 +82,8 @@ CASES = [
     ("sweep-read-only", "sweep", ["space.yaml", "--store", "readonly"], "store readonly: cannot write: Permission denied"),
     ("sweep-no-folder", "sweep", ["space.yaml", "--store", "new", "--data", "folder:nowhere"],
      "data folder nowhere does not exist"),
+    ("sweep-data-dir-read-only", "sweep", ["space.yaml", "--store", "new", "--data-dir", "readonly/cache"],
+     "data dir readonly/cache: cannot write the decoded data set there (Permission denied)"),
     ("sweep-gpus", "sweep", ["space.yaml", "--gpus-per-trial", "-1"], "argument --gpus-per-trial"),
     ("sweep-cpus", "sweep", ["space.yaml", "--cpus-per-trial", "0"], "argument --cpus-per-trial"),
     ("sweep-num-cpus", "sweep", ["space.yaml", "--num-cpus", "0"], "argument --num-cpus"),
@@ -133,8 +139,7 @@ CASES = [
     ("report-data-other", "report", ["--data", "folder:trainonly"], "is not a data set the store's models were"),
     ("report-images", "report", ["--images", "0"], "argument --images: value must be a positive integer"),
 ]
-READ_ONLY = {"sweep-read-only", "matrix-read-only", "query-out-read-only", "tradeoff-out-read-only",
-             "report-out-read-only"}
+READ_ONLY = {name for name, *_ in CASES if "read-only" in name}
 
 
 @pytest.fixture(scope="module")
