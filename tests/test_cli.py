@@ -3,6 +3,7 @@ the Ray address a command joins. Nothing here starts Ray."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,11 @@ import pytest
 import rm_sweep.__main__ as entry
 from rm_sweep import cli, matrix, pipeline, sweep, tradeoff
 from rm_sweep.errors import cli_main
+from rm_sweep.orchestration.session import unreachable
 from rm_sweep.orchestration.values import SweepResult
 
-from scaffold import ROOT, run_command, write_space
+from imagefolder import write_image_folder
+from scaffold import ROOT, closed_port, run_command, tiny_space, write_space
 
 HEAD = "10.0.0.1:6379"  # what ray job submit puts in a job driver's RAY_ADDRESS: the head's GCS
 
@@ -102,6 +105,31 @@ def test_every_pipeline_command_joins_ray_address(tmp_path: Path, monkeypatch: p
     sweep.main([str(space), "--store", str(tmp_path / "store"), "--quiet"])
     assert calls == [HEAD]
 
+
+
+def test_a_ray_address_where_nothing_answers_is_one_line_not_a_hang(tmp_path: Path) -> None:
+    """``ray.init`` waits without end for a GCS that does not answer: a sweep given a closed port
+    must say so in one line (and leave no store behind) instead."""
+    address = f"127.0.0.1:{closed_port()}"
+    space = write_space(tmp_path / "one.yaml", tiny_space("one", str(tmp_path / "data"), [{"name": "a"}], []))
+    write_image_folder(tmp_path / "data", classes=3, train=4, test=2)
+    done = run_command("rm_sweep.sweep", str(space), "--store", str(tmp_path / "store"), "--address", address,
+                       env={"RM_SWEEP_DATA_DIR": str(tmp_path / "cache")}, timeout=120)
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        f"error: cannot connect to the Ray cluster at {address}: nothing answers there (Connection refused)"]
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("address", ["auto", "anyscale://head:10001", "head", "head:port", "ray://head"])
+def test_addresses_ray_checks_itself_are_not_probed(address: str) -> None:
+    assert unreachable(address) is None
+
+
+@pytest.mark.parametrize("scheme", ["", "ray://"])
+def test_a_listening_port_is_reachable_and_a_closed_one_is_not(scheme: str) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        assert unreachable(f"{scheme}127.0.0.1:{server.getsockname()[1]}") is None
+    assert unreachable(f"{scheme}127.0.0.1:{closed_port()}") == "Connection refused"
 
 
 def test_output_cut_short_by_its_reader_ends_quietly(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import secrets
+import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -53,6 +54,9 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, log_
         return
     settings = dict(logging_level=logging.WARNING, log_to_driver=log_to_driver)
     if address:
+        reason = unreachable(address)
+        if reason is not None:
+            raise UserError(f"cannot connect to the Ray cluster at {address}: nothing answers there ({reason})")
         try:
             ray.init(address=address, runtime_env={"env_vars": {**JOB_ENV, **(env or {})}}, **settings)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -67,6 +71,22 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, log_
         yield True
     finally:
         ray.shutdown()
+
+
+def unreachable(address: str, timeout: float = 5.0) -> str | None:
+    """Why nothing answers at a ``HOST:PORT`` or ``ray://HOST:PORT`` Ray address (a TCP
+    connection within ``timeout`` seconds), or None. ``ray.init`` waits for a GCS that does not
+    answer without end (Ray 2.60: still waiting after 4 minutes for a closed port), and 30 s for
+    a Ray client server, so a typo in ``--address`` would hang the command. ``auto``, other
+    schemes and addresses Ray cannot parse are left to Ray, which fails fast on them."""
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if address == "auto" or "://" in host or not colon or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+    return None
 
 
 def _private_token() -> None:
