@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,9 +108,7 @@ def output_file(text: str, flag: str = "--out", *, make_parent: bool = False) ->
     path = Path(text)
     if path.is_dir():
         raise UserError(f"{flag} {text} is a directory; give a file name")
-    parent = path.parent
-    while make_parent and not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = _nearest_existing(path.parent) if make_parent else path.parent
     if not parent.is_dir():
         problem = "is not a directory" if parent.exists() else "does not exist"
         raise UserError(f"{flag} {text}: {parent} {problem}")
@@ -124,12 +123,17 @@ def output_dir(text: str, holds: str, flag: str = "--out") -> Path:
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {text} is a file; it names {holds}")
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = _nearest_existing(path)
     if not existing.is_dir():
         raise UserError(f"{flag} {text}: {existing} is not a directory")
     _check_writable(existing, f"{flag} {text}")
+    return path
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path``, or the nearest of its parents that exists (what creating it would write in)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
     return path
 
 
@@ -166,7 +170,14 @@ def add_pipeline(p: argparse.ArgumentParser) -> None:
 
 
 def mlflow_uri(text: str) -> str:
-    """An MLflow tracking URI, accepted only where MLflow is installed (checked before Ray starts)."""
+    """An MLflow tracking URI, accepted only where MLflow is installed and, for a local one (a
+    path or ``file:``), where this user may write (MLflow would fail only once Ray runs)."""
+    parsed = urllib.parse.urlparse(text)
+    if parsed.scheme in ("", "file"):
+        where = _nearest_existing(Path(parsed.path if parsed.scheme else text))
+        reason = cannot_write_in(where) if where.is_dir() else "not a directory"
+        if reason is not None:
+            raise argparse.ArgumentTypeError(f"MLflow cannot write its runs under {where} ({reason})")
     if importlib.util.find_spec("mlflow") is None:
         raise argparse.ArgumentTypeError("MLflow is not installed: pip install 'rm_sweep[mlflow]'")
     return text
