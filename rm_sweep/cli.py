@@ -108,11 +108,11 @@ def output_file(text: str, flag: str = "--out", *, make_parent: bool = False) ->
     path = Path(text)
     if path.is_dir():
         raise UserError(f"{flag} {text} is a directory; give a file name")
-    parent = _nearest_existing(path.parent) if make_parent else path.parent
-    if not parent.is_dir():
-        problem = "is not a directory" if parent.exists() else "does not exist"
-        raise UserError(f"{flag} {text}: {parent} {problem}")
-    _check_writable(parent, f"{flag} {text}")
+    if not make_parent and not path.parent.exists():
+        raise UserError(f"{flag} {text}: {path.parent} does not exist")
+    problem = _write_problem(path.parent)
+    if problem is not None:
+        raise UserError(f"{flag} {text}: {problem}")
     return path
 
 
@@ -123,24 +123,22 @@ def output_dir(text: str, holds: str, flag: str = "--out") -> Path:
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {text} is a file; it names {holds}")
-    existing = _nearest_existing(path)
+    problem = _write_problem(path)
+    if problem is not None:
+        raise UserError(f"{flag} {text}: {problem}")
+    return path
+
+
+def _write_problem(directory: Path) -> str | None:
+    """Why this process could not create ``directory`` (with its parents) or write in it, or
+    None. Creating it writes in the nearest existing folder above it, so that one is probed."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     if not existing.is_dir():
-        raise UserError(f"{flag} {text}: {existing} is not a directory")
-    _check_writable(existing, f"{flag} {text}")
-    return path
-
-
-def _nearest_existing(path: Path) -> Path:
-    """``path``, or the nearest of its parents that exists (what creating it would write in)."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _check_writable(directory: Path, what: str) -> None:
-    reason = cannot_write_in(directory)
-    if reason is not None:
-        raise UserError(f"{what}: cannot write in {directory} ({reason})")
+        return f"{existing} is not a directory"
+    reason = cannot_write_in(existing)
+    return None if reason is None else f"cannot write in {existing} ({reason})"
 
 
 def print_damaged(damaged: Mapping[str, str], *, trained: bool) -> None:
@@ -174,10 +172,9 @@ def mlflow_uri(text: str) -> str:
     path or ``file:``), where this user may write (MLflow would fail only once Ray runs)."""
     parsed = urllib.parse.urlparse(text)
     if parsed.scheme in ("", "file"):
-        where = _nearest_existing(Path(parsed.path if parsed.scheme else text))
-        reason = cannot_write_in(where) if where.is_dir() else "not a directory"
-        if reason is not None:
-            raise argparse.ArgumentTypeError(f"MLflow cannot write its runs under {where} ({reason})")
+        problem = _write_problem(Path(parsed.path if parsed.scheme else text))
+        if problem is not None:
+            raise argparse.ArgumentTypeError(f"{text}: {problem}")
     if importlib.util.find_spec("mlflow") is None:
         raise argparse.ArgumentTypeError("MLflow is not installed: pip install 'rm_sweep[mlflow]'")
     return text

@@ -85,7 +85,7 @@ CASES = [
     ("sweep-data-dir-read-only", "sweep", ["space.yaml", "--store", "new", "--data-dir", "readonly/cache"],
      "data dir readonly/cache: cannot write the decoded data set there (Permission denied)"),
     ("sweep-mlflow-read-only", "sweep", ["space.yaml", "--mlflow", "file:readonly/mlruns"],
-     "argument --mlflow: MLflow cannot write its runs under readonly (Permission denied)"),
+     "argument --mlflow: file:readonly/mlruns: cannot write in readonly (Permission denied)"),
     ("sweep-gpus", "sweep", ["space.yaml", "--gpus-per-trial", "-1"], "argument --gpus-per-trial"),
     ("sweep-cpus", "sweep", ["space.yaml", "--cpus-per-trial", "0"], "argument --cpus-per-trial"),
     ("sweep-num-cpus", "sweep", ["space.yaml", "--num-cpus", "0"], "argument --num-cpus"),

@@ -2,6 +2,7 @@
 the Ray address a command joins. Nothing here starts Ray."""
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 
 import rm_sweep.__main__ as entry
 from rm_sweep import cli, matrix, pipeline, sweep, tradeoff
-from rm_sweep.errors import cli_main
+from rm_sweep.errors import UserError, cli_main
 from rm_sweep.orchestration.session import unreachable
 from rm_sweep.orchestration.values import SweepResult
 
@@ -130,6 +131,26 @@ def test_a_listening_port_is_reachable_and_a_closed_one_is_not(scheme: str) -> N
     with socket.create_server(("127.0.0.1", 0)) as server:
         assert unreachable(f"{scheme}127.0.0.1:{server.getsockname()[1]}") is None
     assert unreachable(f"{scheme}127.0.0.1:{closed_port()}") == "Connection refused"
+
+
+PATH_CHECKS = {"output_file": lambda text: cli.output_file(text, make_parent=True),
+               "output_dir": lambda text: cli.output_dir(text, "a run"),
+               "mlflow_uri": cli.mlflow_uri}
+
+
+@pytest.mark.parametrize("check", PATH_CHECKS.values(), ids=PATH_CHECKS.keys())
+def test_a_path_below_a_file_is_refused_naming_that_file(tmp_path: Path, check) -> None:
+    (tmp_path / "afile").write_text("")
+    with pytest.raises((UserError, argparse.ArgumentTypeError), match=f"{tmp_path / 'afile'} is not a directory"):
+        check(str(tmp_path / "afile" / "deeper" / "x"))
+
+
+@pytest.mark.parametrize("check", ["output_file", "output_dir"])
+def test_a_path_to_create_deep_below_a_writable_folder_passes_and_checking_creates_nothing(tmp_path: Path,
+                                                                                         check: str) -> None:
+    target = tmp_path / "a" / "b" / "out"
+    assert PATH_CHECKS[check](str(target)) == target
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_output_cut_short_by_its_reader_ends_quietly(tmp_path: Path) -> None:
