@@ -44,6 +44,19 @@ def cannot_write_in(directory: str | os.PathLike) -> str | None:
     return None
 
 
+def cannot_create(directory: str | os.PathLike) -> str | None:
+    """None if this process could create ``directory`` (with its parents) or write in it, else
+    why not, in one phrase naming the folder at fault. Nothing is created: creating it would
+    write in the nearest existing folder above it, so that one is probed (``cannot_write_in``)."""
+    existing = Path(directory)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    reason = cannot_write_in(existing)
+    return None if reason is None else f"cannot write in {existing} ({reason})"
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``.
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rm_sweep import checks
-from rm_sweep.atomic import cannot_write_in
+from rm_sweep.atomic import cannot_create
 from rm_sweep.errors import UserError
 from rm_sweep.store import Store, default_store_uri
 
@@ -110,7 +110,7 @@ def output_file(text: str, flag: str = "--out", *, make_parent: bool = False) ->
         raise UserError(f"{flag} {text} is a directory; give a file name")
     if not make_parent and not path.parent.exists():
         raise UserError(f"{flag} {text}: {path.parent} does not exist")
-    problem = _write_problem(path.parent)
+    problem = cannot_create(path.parent)
     if problem is not None:
         raise UserError(f"{flag} {text}: {problem}")
     return path
@@ -123,22 +123,10 @@ def output_dir(text: str, holds: str, flag: str = "--out") -> Path:
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {text} is a file; it names {holds}")
-    problem = _write_problem(path)
+    problem = cannot_create(path)
     if problem is not None:
         raise UserError(f"{flag} {text}: {problem}")
     return path
-
-
-def _write_problem(directory: Path) -> str | None:
-    """Why this process could not create ``directory`` (with its parents) or write in it, or
-    None. Creating it writes in the nearest existing folder above it, so that one is probed."""
-    existing = directory
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{existing} is not a directory"
-    reason = cannot_write_in(existing)
-    return None if reason is None else f"cannot write in {existing} ({reason})"
 
 
 def print_damaged(damaged: Mapping[str, str], *, trained: bool) -> None:
@@ -172,7 +160,7 @@ def mlflow_uri(text: str) -> str:
     path or ``file:``), where this user may write (MLflow would fail only once Ray runs)."""
     parsed = urllib.parse.urlparse(text)
     if parsed.scheme in ("", "file"):
-        problem = _write_problem(Path(parsed.path if parsed.scheme else text))
+        problem = cannot_create(Path(parsed.path if parsed.scheme else text))
         if problem is not None:
             raise argparse.ArgumentTypeError(f"{text}: {problem}")
     if importlib.util.find_spec("mlflow") is None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from rm_sweep import folders
-from rm_sweep.atomic import atomic_torch_save, cannot_write_in
+from rm_sweep.atomic import atomic_torch_save, cannot_create
 from rm_sweep.errors import UserError
 from rm_sweep.recipes import AUGMENTATIONS
 from rm_sweep.spec import DataSpec, parse_data_spec
@@ -175,14 +175,10 @@ def _cached_arrays(spec: DataSpec, data_dir: Path) -> dict:
 
 
 def _check_cache_dir(directory: Path, data_dir: Path) -> None:
-    """A ``UserError`` unless the decoded data set can be saved in ``directory`` (created here)."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        reason = cannot_write_in(directory)
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-    if reason is not None:
-        raise UserError(f"data dir {data_dir}: cannot write the decoded data set there ({reason}); give --data-dir "
+    """A ``UserError`` unless the decoded data set can be saved in ``directory`` (created when saved)."""
+    problem = cannot_create(directory)
+    if problem is not None:
+        raise UserError(f"data dir {data_dir}: cannot save the decoded data set: {problem}; give --data-dir "
                         "(or $RM_SWEEP_DATA_DIR) a folder this user may write")
 
 

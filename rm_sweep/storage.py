@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pyarrow.fs as pafs
 
-from rm_sweep.atomic import atomic_write_bytes
+from rm_sweep.atomic import atomic_write_bytes, cannot_create
 from rm_sweep.errors import UserError, cannot_read
 from rm_sweep.uris import is_uri, resolve_uri
 
@@ -108,25 +108,18 @@ class Storage:
 
     def check_writable(self) -> None:
         """Fail now, in one line, unless this process can write here: a hidden probe file is
-        written and deleted (local directories it had to create are removed again)."""
+        written and deleted (locally in the nearest existing folder, ``atomic.cannot_create``,
+        so that nothing is created)."""
+        if self.local:
+            problem = cannot_create(self.root if is_uri(self.uri) else self.uri)  # the folder as the user named it
+            if problem is not None:
+                raise UserError(f"store {self.uri}: {problem}")
+            return
         probe = self.path(f".rm_sweep-probe-{uuid.uuid4().hex}")
-        created: list[str] = []
         with self.errors("write"):
-            try:
-                if self.local:
-                    parent = self.root
-                    while not os.path.exists(parent):
-                        created.append(parent)
-                        parent = os.path.dirname(parent)
-                    for directory in reversed(created):
-                        os.mkdir(directory)
-                with self.fs.open_output_stream(probe) as f:
-                    f.write(b"")
-                self.fs.delete_file(probe)
-            finally:
-                for directory in created:
-                    with contextlib.suppress(OSError):
-                        os.rmdir(directory)
+            with self.fs.open_output_stream(probe) as f:
+                f.write(b"")
+            self.fs.delete_file(probe)
 
 
 __all__ = ["Storage"]

@@ -230,7 +230,7 @@ def test_the_writable_probe_leaves_nothing_behind(tmp_path: Path) -> None:
     probe = "from rm_sweep.store import Store; Store('ro/new').check_writable()"
     proc = subprocess.run(without_file_override([sys.executable, "-c", probe]), cwd=tmp_path, capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
-    assert proc.returncode == 1 and "UserError: store ro/new: cannot write: Permission denied" in proc.stderr
+    assert proc.returncode == 1 and "UserError: store ro/new: cannot write in ro (Permission denied)" in proc.stderr
     assert list((tmp_path / "ro").iterdir()) == []
 
 
