@@ -181,10 +181,13 @@ def load_space(path: str | Path, *, data: str | None = None) -> SearchSpace:
     source = _source(path)
     where = str(source)
     try:
-        text = source.read_text()
+        text = source.read_text(encoding="utf-8")  # YAML's encoding, whatever the locale
     except OSError as exc:
         raise UserError(f"{where}: cannot read the search space ({exc.strerror or exc}); packaged spaces: "
                         f"{', '.join(packaged_spaces())}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{where}: not a YAML text file: byte {exc.object[exc.start]:#04x} at offset {exc.start} "
+                        "is not UTF-8") from None
     try:
         raw = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:

@@ -310,6 +310,14 @@ def test_bad_spaces_name_the_file_and_field(tmp_path, text, message):
     assert "\n" not in str(info.value)
 
 
+def test_a_space_that_is_not_utf8_text_names_the_byte(tmp_path):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"data: cifar10\nname: caf\xe9\n")  # Latin-1, not UTF-8
+    with pytest.raises(UserError) as info:
+        load_space(path)
+    assert str(info.value) == f"{path}: not a YAML text file: byte 0xe9 at offset 23 is not UTF-8"
+
+
 # The four malformed files the issue names: each fails with one line and exit status 2, without
 # ever importing Ray (the command validates before it starts a cluster).
 CLI_BAD = {
