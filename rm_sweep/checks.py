@@ -40,9 +40,12 @@ def number(value: Any, what: str, *, integer: bool = False) -> int | float:
     return float(value)
 
 
-def positive(value: Any, what: str, *, integer: bool = False, minimum: float = 0, strict: bool = True) -> int | float:
-    """``number(value)`` that is > ``minimum`` (``strict``) or >= it."""
+def positive(value: Any, what: str, *, integer: bool = False, minimum: float = 0, strict: bool = True,
+             maximum: float = math.inf) -> int | float:
+    """``number(value)`` that is > ``minimum`` (``strict``) or >= it, and <= ``maximum``."""
     value = number(value, what, integer=integer)
+    if value > maximum:
+        raise UserError(f"{what} must be a number <= {maximum:.4g}, got {value!r}")
     if value < minimum or (strict and value == minimum):
         kind = "an integer" if integer else "a number"
         if minimum == 0 and strict:

@@ -16,6 +16,7 @@ from rm_sweep.errors import UserError
 
 # The paper's augmentation: CIFAR-10 gets pad-4 random crop + horizontal flip, MNIST flip only.
 AUGMENTATIONS = ("crop-flip", "flip", "none")
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
 
 
 @dataclass(frozen=True)
@@ -39,11 +40,12 @@ class Recipe:
 
     def __post_init__(self) -> None:
         checks.positive_int(self.epochs, "epochs")
-        checks.positive(self.lr, "lr")
+        # The optimiser's scalars meet float32 tensors: a larger one cannot be converted.
+        checks.positive(self.lr, "lr", maximum=FLOAT32_MAX)
         checks.positive(self.batch_size, "batch_size (BatchNorm needs 2 images)", integer=True, minimum=2,
                         strict=False)
         for name in ("gamma", "momentum", "weight_decay"):
-            checks.positive(getattr(self, name), name, strict=False)
+            checks.positive(getattr(self, name), name, strict=False, maximum=FLOAT32_MAX)
         if list(self.milestones) != sorted(set(self.milestones)) or any(m < 1 for m in self.milestones):
             raise UserError(f"milestones must be increasing positive epochs, got {list(self.milestones)}")
         if self.augment not in ("auto", *AUGMENTATIONS):

@@ -64,6 +64,8 @@ CASES = [
     ("train-shallow", "train", _train("--shallow", "1.5"), "1.5 is outside [0, 1)"),
     ("train-variant", "train", _train("--variant", "rand"), "unknown mask variant 'rand'"),
     ("train-batch-1", "train", _train("--batch-size", "1"), "BatchNorm needs 2 images"),
+    ("train-width-huge", "train", _train("--width", "1e9"), "resnet18 at width 1e+09 is too large to build"),
+    ("train-lr-past-float32", "train", _train("--lr", "1e300"), "lr must be a number <= 3.403e+38"),
     ("train-subset", "train", _train("--train-subset", "2"), "train_subset must be an integer of at least 3"),
     ("train-no-out", "train", _train(drop="--out"), "the following arguments are required: --out"),
     ("train-out-read-only", "train", _train("--out", "readonly/run"),

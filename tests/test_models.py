@@ -18,6 +18,7 @@ from rm_sweep.models import (
     create_model,
     list_models,
     load_checkpoint,
+    registry,
     save_checkpoint,
 )
 from rm_sweep.models.registry import LayerPlan
@@ -301,6 +302,25 @@ def test_bad_mask_config_raises_one_clear_error(bad):
     with pytest.raises(UserError) as err:
         MaskConfig(**bad)
     assert next(iter(bad)).split("_")[0] in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_network_whose_weights_exceed_the_memory_available_is_refused_before_it_is_built(arch, monkeypatch):
+    """The check counts on the meta device what the build allocates: refused one byte short of
+    the float32 weights, built with exactly that much."""
+    mask = MaskConfig(shallow_ratio=0.5, channel_multiplier=2.0)
+    weights = 4 * sum(p.numel() for p in create_model(arch, mask=mask, width=WIDTH).parameters())
+    monkeypatch.setattr(registry, "_memory_available", lambda: weights - 1)
+    with pytest.raises(UserError, match=rf"^{arch} at width 0.125, channel multiplier 2 has [\d,]+ parameters: .* GiB "
+                                        "of weights, and this machine has .* GiB of memory available$"):
+        create_model(arch, mask=mask, width=WIDTH)
+    monkeypatch.setattr(registry, "_memory_available", lambda: weights)
+    create_model(arch, mask=mask, width=WIDTH)
+
+
+def test_a_width_past_what_a_tensor_can_hold_is_one_error_not_an_allocation():
+    with pytest.raises(UserError, match=r"^resnet18 at width 1e\+09 is too large to build \(.*overflow"):
+        create_model("resnet18", width=1e9)
 
 
 def test_unknown_architecture_raises_naming_it():

@@ -249,6 +249,8 @@ BAD = [
     ("data: cifar10\nmodels: [{name: a, arch: resnet18, shalow_ratio: 0.5}]\n",
      "models[0].shalow_ratio: unknown field (did you mean shallow_ratio?)"),
     ("data: cifar10\nsweep: 1\nmodels: [{name: a, arch: resnet18}]\n", "sweep: unknown field"),
+    ("data: cifar10\nrecipe: {name: quick, weight_decay: 1.0e+300}\nmodels: [{name: a, arch: resnet18}]\n",
+     "recipe: weight_decay must be a number <= 3.403e+38, got 1e+300"),
     ("data: cifar10\nmodels: [{name: a, arch: resnet18}, {name: b, arch: resnet18, shallow_ratio: [0.5, 1.2]}]\n",
      "models[1].shallow_ratio[1]: 1.2 is outside [0, 1)"),
     ("data: cifar10\nmodels: [{name: a, arch: resnet18, shallow_ratio: 1.2}]\n", "models[0].shallow_ratio: 1.2 is outside [0, 1)"),

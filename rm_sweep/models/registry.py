@@ -148,12 +148,46 @@ def build(config: ModelConfig) -> Classifier:
     if len(config.mean) != config.in_channels or len(config.std) != config.in_channels:
         raise UserError(f"mean/std need {config.in_channels} values, one per input channel")
     checks.positive(config.width, "width")
-    body = _REGISTRY[config.arch](LayerPlan(config.width, config.mask), config.in_channels, config.num_classes)
+    plan = LayerPlan(config.width, config.mask)
+    _check_fits_in_memory(config, plan)
+    body = _REGISTRY[config.arch](plan, config.in_channels, config.num_classes)
     model = Classifier(config, body)
     if config.mask is not None:
         example = torch.zeros(1, config.in_channels, config.image_size, config.image_size)
         install_masks(model, example, config.mask.seed)
     return model
+
+
+def _check_fits_in_memory(config: ModelConfig, plan: LayerPlan) -> None:
+    """A ``UserError`` unless the network's float32 weights fit in the memory this machine has
+    available. They are counted on the meta device, which allocates nothing: a width (or channel
+    multiplier) typo fails in a second, instead of filling memory layer by layer until the
+    kernel kills this process, or a neighbour's."""
+    multiplier = config.mask.channel_multiplier if config.mask else 1.0
+    network = f"{config.arch} at width {config.width:g}" + (f", channel multiplier {multiplier:g}" if multiplier != 1 else "")
+    try:
+        with torch.device("meta"):
+            body = _REGISTRY[config.arch](plan, config.in_channels, config.num_classes)
+    except RuntimeError as exc:  # a layer past what a tensor can hold: the sizes overflow int64
+        raise UserError(f"{network} is too large to build ({str(exc).splitlines()[0]})") from None
+    parameters = sum(p.numel() for p in body.parameters())
+    available = _memory_available()
+    if available is not None and 4 * parameters > available:
+        raise UserError(f"{network} has {parameters:,} parameters: {4 * parameters / 2**30:,.1f} GiB of weights, "
+                        f"and this machine has {available / 2**30:,.1f} GiB of memory available")
+
+
+def _memory_available() -> int | None:
+    """Bytes of memory the kernel could give this process now (``MemAvailable``); None where
+    ``/proc/meminfo`` does not say (not Linux)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def create_model(
