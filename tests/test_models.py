@@ -323,6 +323,20 @@ def test_a_width_past_what_a_tensor_can_hold_is_one_error_not_an_allocation():
         create_model("resnet18", width=1e9)
 
 
+def test_an_arch_that_the_meta_device_cannot_build_is_built_for_real(monkeypatch):
+    """The memory check builds on the meta device first; an architecture doing what meta tensors
+    cannot (``.item()`` while it builds) is not refused for it."""
+    def body(plan, in_channels, num_classes):
+        inputs = int(torch.tensor(in_channels).item())  # raises on the meta device
+        return nn.Sequential(nn.Flatten(), nn.Linear(inputs, num_classes))
+
+    monkeypatch.setitem(registry._REGISTRY, "itemnet", body)
+    monkeypatch.setitem(registry._REVISIONS, "itemnet", 1)
+    with torch.device("meta"), pytest.raises((RuntimeError, NotImplementedError)):
+        body(None, 3, 10)
+    assert count_parameters(create_model("itemnet", in_channels=3, image_size=1)) == 3 * 10 + 10
+
+
 def test_unknown_architecture_raises_naming_it():
     with pytest.raises(UserError, match="unknown architecture 'resnet19'"):
         create_model("resnet19")

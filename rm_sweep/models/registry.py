@@ -168,7 +168,9 @@ def _check_fits_in_memory(config: ModelConfig, plan: LayerPlan) -> None:
     try:
         with torch.device("meta"):
             body = _REGISTRY[config.arch](plan, config.in_channels, config.num_classes)
-    except RuntimeError as exc:  # a layer past what a tensor can hold: the sizes overflow int64
+    except (RuntimeError, NotImplementedError) as exc:
+        if "overflow" not in str(exc):  # an op the meta device lacks (a registered arch's own): build for real
+            return
         raise UserError(f"{network} is too large to build ({str(exc).splitlines()[0]})") from None
     parameters = sum(p.numel() for p in body.parameters())
     available = _memory_available()
