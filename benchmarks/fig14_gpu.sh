@@ -19,7 +19,9 @@ source_dir=${2:?the wheels folder (install) or the CIFAR-10 folder (run, speed, 
 out=${OUT:-/tmp/fig14_gpu}
 work=${FIG14_WORK:-/tmp/fig14_gpu_work}   # store and decoded data; kept between calls on a warm machine
 mkdir -p "$out" "$work"
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+# Ray's wheel carries psutil in ray/thirdparty_files and puts it on sys.path when `ray` is imported;
+# rm_sweep imports psutil (leases) before Ray, so an image without psutil needs that folder here.
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:/tmp/site/ray/thirdparty_files:$PWD${PYTHONPATH:+:$PYTHONPATH}
 py=${PYTHON:-python3}
 space=search_spaces/fig14_gpu.yaml
 
@@ -50,7 +52,7 @@ gpu_name() {
 case $stage in
   install)
     $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$source_dir"/*.whl
-    $py -c 'import ray, ray.tune, ray.train.torch; print("ray", ray.__version__, "imports")'
+    $py -c 'import rm_sweep.tradeoff, ray, ray.tune, ray.train.torch; print("ray", ray.__version__, "and rm_sweep import")'
     ;;
   run)
     tradeoff "$space" "fig14_gpu-$(gpu_name)"
