@@ -5,8 +5,8 @@
     rm-sweep sweep --help                  # a command's own help
 
 Each command is a module with ``main(argv)`` (``python -m rm_sweep.sweep`` runs the same one);
-only the chosen module is imported, so ``rm-sweep query`` loads neither torch's training code
-nor Ray.
+only the chosen module is imported, so ``rm-sweep --help`` loads neither torch nor pandas, and
+``rm-sweep query`` neither the training code nor Ray.
 """
 from __future__ import annotations
 

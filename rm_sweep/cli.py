@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING, Any
 from rm_sweep import checks
 from rm_sweep.atomic import cannot_create
 from rm_sweep.errors import UserError
-from rm_sweep.store import Store, default_store_uri
+from rm_sweep.uris import default_store_uri
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from rm_sweep.spaces import SearchSpace
+    from rm_sweep.store import Store
 
 
 class Parser(argparse.ArgumentParser):
@@ -172,12 +173,15 @@ def space_and_store(args: argparse.Namespace) -> tuple[SearchSpace, Store]:
     """The search space (``args.space``, its data overridden by ``--data``) and the store
     (``--store``) of a command that fills a store from a space."""
     from rm_sweep.spaces import load_space
+    from rm_sweep.store import Store
 
     return load_space(args.space, data=args.data), Store(args.store)
 
 
 def existing_store(uri: str) -> Store:
     """The store at ``uri`` for a command that only reads it; a ``UserError`` if nothing is there."""
+    from rm_sweep.store import Store
+
     store = Store(uri)
     if not store.exists():
         raise UserError(f"no store at {uri} (run python -m rm_sweep.tradeoff or rm_sweep.sweep first)")

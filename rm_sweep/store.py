@@ -57,11 +57,6 @@ RUN_DIR = "_ray"  # Ray's run storage inside the store; "_" hides it from Parque
 NOT_STORED = "not in the store"  # what ``Store.unusable`` says of a model without a row
 
 
-def default_store_uri() -> str:
-    """``$RM_SWEEP_STORE`` or ``store`` (a directory in the working directory)."""
-    return os.environ.get("RM_SWEEP_STORE") or "store"
-
-
 class Store:
     """The store at ``uri``: a local directory (created on first write) or an ``s3://`` URI.
 
@@ -377,4 +372,4 @@ class Store:
             self._listings.clear()
 
 
-__all__ = ["NOT_STORED", "RUN_DIR", "Store", "default_store_uri"]
+__all__ = ["NOT_STORED", "RUN_DIR", "Store"]

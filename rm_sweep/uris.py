@@ -14,6 +14,11 @@ import pyarrow.fs as pafs
 from rm_sweep.errors import UserError
 
 
+def default_store_uri() -> str:
+    """``$RM_SWEEP_STORE`` or ``store`` (a directory in the working directory)."""
+    return os.environ.get("RM_SWEEP_STORE") or "store"
+
+
 def is_uri(location: str) -> bool:
     """Whether ``location`` names a scheme (``s3://...``) rather than a local path."""
     return "://" in location
@@ -47,4 +52,4 @@ def read_bytes(uri: str, what: str = "file") -> bytes:
         raise UserError(f"cannot read {what} {uri}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
-__all__ = ["is_uri", "read_bytes", "resolve_uri"]
+__all__ = ["default_store_uri", "is_uri", "read_bytes", "resolve_uri"]
