@@ -2,7 +2,7 @@
 
 - ``craft(source, ...)``: attack the first ``limit`` test images the source classifies
   correctly and keep the adversarials that fool it: an ``AdversarialSet`` with provenance,
-  crafted once per (source, setting) and reused for every target.
+  crafted once per (source, setting, limit) and reused for every target.
 - ``Target``: a model under evaluation; its verdicts on clean test images are cached by
   test-set index, since every protocol asks about the same images.
 - ``DefenseCounts.from_verdicts``: the one counting rule. Of the images a protocol uses, those
@@ -33,12 +33,14 @@ class DefenseCounts:
 
     Attributes:
         n_crafted: images attacked or perturbed.
-        n_fooled_source: adversarials that fooled the source (None for noise and shuffle).
+        n_fooled_source: adversarials that fooled the source (None for the protocols without a
+            source: noise, shuffle and query).
         n_evaluated: adversarials / perturbed images whose clean image the target classifies
             correctly (white-box: every attacked image).
         n_defended: of those, the ones the target still classifies correctly.
         median_queries: query attacks: the median queries to success of the images the attack
-            fooled (None for other protocols; NaN when it fooled none).
+            fooled, the mean of the two middle counts when their number is even, as numpy's and
+            DuckDB's median (None for other protocols; NaN when it fooled none).
     """
 
     n_crafted: int
@@ -55,6 +57,16 @@ class DefenseCounts:
         clean are evaluated."""
         return cls(n_crafted=n_crafted, n_fooled_source=n_fooled_source, n_evaluated=int(clean_ok.sum()),
                    n_defended=int((clean_ok & attacked_ok).sum()))
+
+    @classmethod
+    def from_queries(cls, queries: torch.Tensor, success: torch.Tensor) -> DefenseCounts:
+        """A query attack's counts from its results on the images it attacked: ``queries`` (N,)
+        int64 and ``success`` (N,) bool (``QueryResult``). It attacks only images the target
+        gets right clean, so all N are evaluated; the ones it did not fool are defended."""
+        fooled = queries[success].double()
+        return cls(n_crafted=len(queries), n_fooled_source=None, n_evaluated=len(queries),
+                   n_defended=int((~success).sum()),
+                   median_queries=float(fooled.quantile(0.5)) if len(fooled) else math.nan)
 
     @property
     def defense_rate(self) -> float:

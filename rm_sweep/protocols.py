@@ -21,7 +21,6 @@ new class with ``@register_protocol`` here (or in its own module imported here),
 """
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -238,10 +237,7 @@ class Query(Protocol):
         queries = torch.cat(queries) if queries else torch.zeros(0, dtype=torch.int64)
         success = torch.cat(success) if success else torch.zeros(0, dtype=torch.bool)
         target.passes += int(queries.sum())
-        fooled = queries[success].double()
-        return DefenseCounts(n_crafted=len(positions), n_fooled_source=None, n_evaluated=len(positions),
-                             n_defended=int((~success).sum()),
-                             median_queries=float(fooled.median()) if len(fooled) else math.nan)
+        return DefenseCounts.from_queries(queries, success)
 
 
 def noise(target: nn.Module | Target, images: torch.Tensor, labels: torch.Tensor, sigma_255: float, *,

@@ -15,9 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from rm_sweep.attacks import CountingModel, QueryResult, hop_skip_jump, square_linf
+from rm_sweep.attacks import CountingModel, QueryResult, get_setting, hop_skip_jump, square_linf
 from rm_sweep.attacks.square import square_fraction
 from rm_sweep.errors import UserError
+from rm_sweep.evaluate import DefenseCounts
 
 from attack_models import random_batch, untrained_cnn
 
@@ -296,6 +297,30 @@ def test_counting_model_passes_outputs_through() -> None:
     with torch.no_grad():
         assert torch.equal(counting(images), model(images)) and torch.equal(counting(images[:2]), model(images[:2]))
     assert (counting.count, counting.calls) == (7, 2)
+
+
+@pytest.mark.parametrize("name", ["square8_quick", "hsj8_quick"])
+def test_a_query_setting_runs_like_any_setting_and_returns_its_attacks_images(name: str) -> None:
+    setting, model, (images, labels) = get_setting(name), untrained_cnn(), random_batch(4, size=32)
+    adversarial = setting.run(model, images, labels)
+    expected = setting.method(model, images, labels, quantise=setting.quantise).adversarial
+    assert torch.equal(adversarial, expected) and adversarial.shape == images.shape
+    assert _linf(adversarial, images).max() <= setting.method.eps_255 / 255 + 1e-6
+
+
+@pytest.mark.parametrize(("queries", "success", "median"), [
+    ([5, 1, 9, 3], [True, True, False, True], 3.0),
+    ([1, 2, 3, 10, 7], [True, True, True, True, False], 2.5),  # even: the two middle counts' mean
+    ([4, 9], [False, False], math.nan),
+])
+def test_query_counts_evaluate_every_attacked_image_and_take_the_median_of_the_fooled(
+        queries: list[int], success: list[bool], median: float) -> None:
+    counts = DefenseCounts.from_queries(torch.tensor(queries), torch.tensor(success))
+    assert (counts.n_crafted, counts.n_fooled_source, counts.n_evaluated) == (len(queries), None, len(queries))
+    assert counts.n_defended == success.count(False)
+    assert counts.median_queries == pytest.approx(median, nan_ok=True)
+    assert counts.median_queries == pytest.approx(float(np.median(np.array(queries)[success])) if any(success)
+                                                  else math.nan, nan_ok=True)
 
 
 # --- bad input ---------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -176,5 +177,5 @@ def query_counts(model: torch.nn.Module, setting: AttackSetting, images: torch.T
     results = [setting.method(model, images[i:i + 1].float() / 255, labels[i:i + 1], seed=0, ids=right[j:j + 1],
                               quantise=setting.quantise) for j, i in enumerate(right.tolist())]
     fooled = [int(r.queries) for r in results if bool(r.success)]
-    median = float(torch.tensor(fooled, dtype=torch.float64).median()) if fooled else math.nan
+    median = statistics.median(fooled) if fooled else math.nan
     return DefenseCounts(len(right), None, len(right), len(results) - len(fooled), median_queries=median)

@@ -1,7 +1,8 @@
 """Attacks as registered units, and the named settings the matrix runs.
 
 Every attack takes ``(model, images, labels, ...)`` with images (N, C, H, W) in [0, 1] and labels
-(N,) int64, and returns adversarial images of the same shape, dtype and device, in [0, 1].
+(N,) int64, and returns adversarial images of the same shape, dtype and device, in [0, 1] (a
+query attack inside a ``QueryResult``, with its per-image query counts).
 Budgets (``eps``, ``step``) are in pixel units of [0, 1]; the named ``SETTINGS`` give them in
 /255 units, as the paper does. Models normalise their own inputs, so attacks never think about
 normalisation. During an attack the model is in eval mode with its parameters frozen (no weight

@@ -98,7 +98,8 @@ def register_method(name: str) -> Callable[[type], type]:
     """Register an attack: a frozen dataclass of its parameters (budgets in /255 units) whose
     ``__call__(model, images, labels, *, amp=False)`` attacks a batch (N, C, H, W) in [0, 1] and
     returns adversarial images in [0, 1]. Query attacks (which see only a model's outputs) set
-    ``query = True`` and return a ``QueryResult`` instead."""
+    ``query = True``, take ``__call__(model, images, labels, *, seed=0, ids=None, quantise=False)``
+    (per-image seeds, rounding of their queries to 8 bits) and return a ``QueryResult``."""
 
     def deco(cls: type) -> type:
         cls.method = name
@@ -155,6 +156,10 @@ class AttackSetting:
 
     def run(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, amp: bool = False) -> torch.Tensor:
         """Attack ``images`` (N, C, H, W) in [0, 1] with ``labels`` (N,); returns images in [0, 1]
-        (on the 1/255 grid when ``quantise``)."""
+        (on the 1/255 grid when ``quantise``). A query attack runs in float32 (``amp`` does not
+        apply) with seed 0 and each image's position in the batch as its id, and its
+        ``QueryResult.adversarial`` is returned (the query protocol reports its query counts)."""
+        if self.query:
+            return self.method(model, images, labels, quantise=self.quantise).adversarial
         adversarial = self.method(model, images, labels, amp=amp)
         return round_to_8bit(adversarial) if self.quantise else adversarial

@@ -47,8 +47,8 @@ SETTINGS: dict[str, AttackSetting] = {s.name: s for s in (
     AttackSetting("mifgsm16", MIFGSM(16, 1, 20), source="beyond the paper: authors' Attacks/mifgsm.py (1, 20, 16)"),
     # Beyond the paper: query attacks (the protocol "query"), which need no source model. Their
     # cost is queries x forward passes per image: the plain names are sized for a GPU (1,000
-    # queries, the first 1,000 test images), the "_quick" ones for a 2-core CPU (100 queries, 100
-    # images). Square's queries are rounded to 8 bits (its +-eps vertices lie on the grid);
+    # queries, the first 1,000 test images), the "_quick" ones for a 2-core CPU (100 images; 100
+    # queries for Square, 200 for HopSkipJump). Square's queries are rounded to 8 bits (its +-eps vertices lie on the grid);
     # HopSkipJump's are not (probes under half a level would vanish).
     AttackSetting("square8", Square(8, 1000), limit=1000, source="beyond the paper: Andriushchenko et al. 2020"),
     AttackSetting("square16", Square(16, 1000), limit=1000, source="beyond the paper: Andriushchenko et al. 2020"),
