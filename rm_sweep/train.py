@@ -297,7 +297,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--variant", default="random", help="mask variant: random, same or channel")
     p.add_argument("--channel-multiplier", type=float, default=1.0, help="width factor of the masked blocks")
     p.add_argument("--seed", type=cli.seed(), default=0, help="weight init, data order and augmentation")
-    p.add_argument("--mask-seed", type=cli.seed(), help="which neurons are masked (default: --seed)")
+    p.add_argument("--mask-seed", type=cli.seed(), default=0,
+                   help="which neurons are masked (default: 0, as in a search space)")
     p.add_argument("--recipe", help=f"one of {', '.join(RECIPES)} (default: paper-mnist for mnist, else paper)")
     p.add_argument("--epochs", type=cli.count(), help="override the recipe's epochs (milestones keep their fractions)")
     p.add_argument("--lr", type=cli.positive(), help="override the initial learning rate")
@@ -334,8 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                         epochs=args.epochs, lr=args.lr, milestones=_parse_milestones(args.milestones),
                         batch_size=args.batch_size)
     mask = MaskConfig(shallow_ratio=args.shallow, deep_ratio=args.deep, variant=args.variant,
-                      channel_multiplier=args.channel_multiplier,
-                      seed=args.seed if args.mask_seed is None else args.mask_seed)
+                      channel_multiplier=args.channel_multiplier, seed=args.mask_seed)
     device = resolve_device(args.device)
     out = cli.output_dir(args.out, "the run directory (training state and model.pt)")
     # Subsets use seed 0 whatever --seed is, so runs that differ in seed see the same images.

@@ -17,6 +17,7 @@ from rm_sweep.errors import UserError, cli_main
 from rm_sweep.masks import MaskConfig
 from rm_sweep.models import create_model, list_models, load_checkpoint
 from rm_sweep.recipes import get_recipe
+from rm_sweep.spec import ModelSpec
 from rm_sweep.train import STATE_FILE, evaluate_accuracy, fit, main
 
 from imagefolder import write_image_folder
@@ -206,6 +207,18 @@ def test_cli_writes_a_checkpoint_that_scores_what_it_printed(
     assert evaluate_accuracy(model, test.test_x, test.test_y) == printed["clean_accuracy"]
     assert main(command) == 0  # finished: the rerun resumes at the end and reports the same run
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["clean_accuracy"] == printed["clean_accuracy"]
+
+
+def test_cli_masks_are_those_of_the_search_space_entry_with_the_same_settings(
+        cifar_folder: Path, data_dir: Path, tmp_path: Path) -> None:
+    # A training seed other than 0 and no --mask-seed: a space's mask_seed defaults to 0, and so does the CLI's.
+    assert main([*_train_command(cifar_folder, data_dir, tmp_path / "run"), "--seed", "1"]) == 0
+    spec = ModelSpec(arch="resnet18", data=f"folder:{cifar_folder}", width=0.125, mask=MaskConfig(shallow_ratio=0.5),
+                     train_subset=200, test_subset=100, recipe="quick", seed=1)
+    data = load_dataset(f"folder:{cifar_folder}", data_dir=data_dir, train_subset=200, test_subset=100)
+    reference = spec.create(data).state_dict()
+    masks = {k: v for k, v in load_checkpoint(tmp_path / "run" / "model.pt").state_dict().items() if "mask" in k}
+    assert masks and all(torch.equal(v, reference[k]) for k, v in masks.items())
 
 
 def _bad_inputs(tmp_path: Path) -> dict[str, tuple[str, str]]:
