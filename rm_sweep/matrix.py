@@ -1,7 +1,7 @@
 """``python -m rm_sweep.matrix SPACE.yaml``: compute every attack-matrix cell the store lacks.
 
 Models the space names but the store lacks are trained first (the sweep); then adversarial sets
-are crafted once per (source, setting) and served to every target by an actor pool
+are crafted once per (source, setting, limit) and served to every target by an actor pool
 (``rm_sweep.orchestration.attack_matrix``). Cells already in the store are skipped; when nothing
 is missing, Ray is not started at all.
 """

@@ -4,7 +4,8 @@ The CSV files under ``rm_sweep/paper/`` are the paper's result tables as numbers
 
 - ``tables8_12_resnet18_targets_blackbox.csv`` (App. F.5): black-box defense rates of ResNet-18
   targets (normal, x-Shallow, y-Deep, both) from five sources; columns ``fgsm_1..3``,
-  ``pgd_1..3``, ``cw`` (mapped to setting names by ``rm_sweep.attacks.PAPER_TABLE_COLUMNS``)
+  ``pgd_1..3`` (mapped to setting names by ``rm_sweep.attacks.PAPER_TABLE_COLUMNS``), ``cw``
+  (``cw20`` or ``cw40`` by source, ``rm_sweep.report_tables``)
   and the target's clean accuracy ``clean_acc``.
 - ``table4_cifar10_pgd_transfer.csv`` / ``table5_mnist_pgd_transfer.csv`` (App. F.2): PGD
   transfer between five architectures.

@@ -6,7 +6,7 @@
 
 "What is missing" is asked of the store (``Store.missing``, ``missing_cells``) before Ray is even
 imported: a store that holds everything answers in a second and starts nothing. When there is
-work, the store is checked to be writable and the data set loaded (a local run decodes it once
+work, the store is checked to be writable and, for a local run, the data set loaded (decoded once
 for all its workers) before Ray starts, so a read-only store or bad data costs seconds, not a
 cluster's startup. The Ray layer (``rm_sweep.orchestration``) is imported only then, inside one
 Ray session.
@@ -113,8 +113,8 @@ def train(
             several small models share one card.
         max_concurrent: trials at once (default: the space's, else what the cluster holds).
         data_dir: where workers find and cache data sets. compile: ``fit``'s ``compile``.
-        verbose: 0 silent, 1 one progress bar, 2 also Tune's table and everything Ray's processes
-            print (otherwise kept in Ray's session folder).
+        verbose: 0 silent, 1 one progress bar, 2 Tune's table instead of the bar, and everything
+            Ray's processes print (otherwise kept in Ray's session folder).
         mlflow: an MLflow tracking URI to log each trial's spec and per-epoch metrics to.
     """
     started = time.perf_counter()

@@ -167,7 +167,8 @@ def labels(store: Store) -> dict[str, str]:
 
 
 def _order(store: Store) -> dict[str, tuple]:
-    """Sort key per id: architecture, normal first, shallow, deep, variant, multiplier, ensembles last."""
+    """Sort key per id: architecture, then models before ensembles, then normal first, shallow, deep,
+    variant, multiplier, seeds."""
     frames = [(store.models(), False, "model_id"), (store.ensembles(), True, "ensemble_id")]
     keys = {}
     for frame, ensemble, id_column in frames:
@@ -185,7 +186,7 @@ def pivot(store: Store | str, setting: str, *, protocol: str = "black", value: s
 
     Args:
         setting: the ``attack`` column's value (``madry_pgd``, ``pgd16``, ``noise``, ...).
-        protocol: ``black``, ``gray``, ``white``, ``noise`` or ``shuffle``.
+        protocol: ``black``, ``gray``, ``white``, ``noise``, ``shuffle`` or ``query``.
         value: ``defense_rate``, ``ci_low`` or ``ci_high`` (its 95 % Wilson interval; all three
             shown in %) or a count column (``n_defended``, ``n_evaluated``, ...).
         where: further conditions on matrix columns (e.g. ``limit=1000``).

@@ -8,8 +8,8 @@ as heatmaps (one per protocol and attack setting), and galleries like the paper'
 Fig. 12 (clean test images beside their adversarials from each source, with a normal and a
 masked target's predictions; crafted on the CPU, so they need ``--data``). Every image is
 embedded, so the file opens anywhere. Beside it: ``report.md`` and ``report_tables.tex`` (the
-same tables) and ``report_figures/`` (each figure as PNG and PDF). Nothing is trained or
-attacked beyond the gallery's few images, and Ray is never started.
+same tables) and ``report_figures/`` (each figure as PNG and PDF; Fig. 14 also as SVG). Nothing
+is trained or attacked beyond the gallery's few images, and Ray is never started.
 """
 from __future__ import annotations
 

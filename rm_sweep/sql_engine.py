@@ -10,7 +10,7 @@ is never used), in the tables' types: an ensemble's ``members`` is a list of str
 
 Once the views are registered the connection is sealed, for one query and then closed:
 external access is off (no file or URL is read or written: ``read_csv``, ``COPY ... TO``,
-``ATTACH``, ``EXPORT DATABASE``, ``INSTALL``/``LOAD`` of an extension all fail), Python variables
+``ATTACH``, ``EXPORT DATABASE``, ``INSTALL``, ``LOAD`` of an extension not built in all fail), Python variables
 are not scanned as tables, nothing spills to disk, and the configuration is locked (``SET``
 fails). A query may still build temporary tables in memory; they vanish with the connection.
 """
@@ -71,7 +71,7 @@ def with_interval_columns(matrix: pa.Table) -> pa.Table:
 
 def run(store: Store, query: str) -> pa.Table:
     """The result of ``query`` (DuckDB's SQL) over the store's tables; a statement without a
-    result (``CREATE TEMP TABLE ...``) gives an empty table.
+    result set (``CREATE TEMP TABLE ...``) gives DuckDB's row count (a ``Count`` column).
 
     Raises:
         UserError: ``SQL: <DuckDB's message>`` in one line, for any error DuckDB reports,

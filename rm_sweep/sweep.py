@@ -6,7 +6,7 @@
 Models already in the store are skipped, and so are models another live run is training (its
 lease in the store): two sweeps on one store share the work. An interrupted sweep continues
 where it stopped when run again (each unfinished model from its last finished epoch). The search
-space, the data and the store (writable?) are checked before Ray starts: bad input costs one
+space, the store (writable?) and, for a local run, the data are checked before Ray starts: bad input costs one
 line and exit status 2.
 """
 from __future__ import annotations
@@ -36,7 +36,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpus-per-trial", type=cli.positive(strict=False),
                    help="override resources.gpus_per_trial; a fraction (0.25) lets small models share a GPU")
     p.add_argument("--max-concurrent", type=cli.count(),
-                   help="trials at once (default: what the cluster's resources hold)")
+                   help="trials at once (default: the space's resources.max_concurrent_trials, else what the "
+                        "cluster holds; a local instance never runs more than it holds)")
     p.add_argument("--dry-run", action="store_true", help="list the models and whether the store has them; train nothing")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile each model (default: on for trials with a GPU, with CUDA graphs)")

@@ -8,7 +8,8 @@ Trains the search space's missing models (the sweep), computes its missing attac
 draws clean accuracy and black-box defense rate (FGSM and PGD in Madry et al.'s setting, from a
 normal ResNet-18) against the shallow drop ratio as PNG, SVG and PDF, and prints the same numbers.
 What the store already holds is reused: a second run draws from the store without starting Ray.
-The paper's points are overlaid when the space's models are trained as the paper's were.
+The paper's points are overlaid when the stored targets were trained as the paper's were (its
+recipe possibly shortened: ``figures.training_scale``).
 """
 from __future__ import annotations
 
@@ -49,8 +50,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "start nothing")
     parser.add_argument("--out", default="fig14.png", help="figure file (PNG; SVG and PDF copies are written beside it)")
     parser.add_argument("--paper", choices=("auto", "on", "off"), default="auto",
-                        help="overlay the paper's points: auto = only when the space trains models as the paper "
-                             "did (full CIFAR-10, width 1, the paper's recipe)")
+                        help="overlay the paper's points: auto = only when the stored targets were trained as the "
+                             "paper's (full CIFAR-10, width 1, the paper's recipe, possibly with fewer epochs)")
     return parser.parse_args(argv)
 
 

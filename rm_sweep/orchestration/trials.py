@@ -1,6 +1,7 @@
 """Training on Ray: one Ray Tune trial per model, a Ray Train ``TorchTrainer`` inside each trial.
 
-    result = run_trials(specs, store, TrialSetup.of(space, store, data_dir=None, compile=None))
+    setup = TrialSetup.of(space.data, store, space.resources, data_dir=None, compile=None, owner=Owner.new())
+    result = run_trials(specs, store, setup, name=f"sweep-{space.name}")
 
 Per model the Tune function ``_trial`` builds a ``TorchTrainer`` (Ray Train V2) with one worker
 whose loop (``_worker``) restores the training state from ``ray.train.get_checkpoint()``, calls
@@ -131,7 +132,8 @@ def run_trials(specs: Sequence[ModelSpec], store: Store, setup: TrialSetup, *, n
         fixed_size: the cluster cannot grow (a private local instance): at most what it holds run
             at once, whatever ``max_concurrent`` says, since trials beyond that would each take
             their Tune share of a CPU and then none could start its worker.
-        verbose: 0 silent, 1 one progress bar, 2 Tune's table and everything Ray prints.
+        verbose: 0 silent, 1 one progress bar, 2 Tune's table (instead of the bar) and everything
+            Ray prints.
         mlflow: an MLflow tracking URI: each trial's spec and per-epoch metrics are logged there
             (the optional extra ``rm_sweep[mlflow]``); the store stays the source of truth.
     Returns:
