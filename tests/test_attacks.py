@@ -139,7 +139,10 @@ def test_each_image_is_attacked_independently_of_itsrandom_batch() -> None:
 
 def test_bf16_autocast_option_keeps_the_contract() -> None:
     images, labels = random_batch(8)
-    adversarial = pgd(untrained_cnn(), images, labels, 8 / 255, 2 / 255, 3, amp=True)
+    model, dtypes = untrained_cnn(), []
+    model.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    adversarial = pgd(model, images, labels, 8 / 255, 2 / 255, 3, amp=True)
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # the forward passes ran under autocast
     assert (adversarial - images).abs().max().item() <= 8 / 255 + 1e-6
     assert 0.0 <= adversarial.min().item() and adversarial.max().item() <= 1.0
 

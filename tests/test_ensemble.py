@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -53,9 +54,23 @@ def test_attacking_a_one_member_ensemble_is_attacking_the_member() -> None:
     assert torch.equal(alone, wrapped)
 
 
+def _input_gradient(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                    labels: torch.Tensor) -> torch.Tensor:
+    x = images.clone().requires_grad_()
+    nn.functional.cross_entropy(model(x), labels).backward()
+    return x.grad
+
+
 def test_an_attack_on_an_ensemble_uses_every_member() -> None:
     members = [_member(seed) for seed in range(3)]
     images, labels = _images()
+    # The attack's gradient is that of the members' mean logits: every member's gradient counts.
+
+    def mean_of_members(x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in members]).mean(0)
+
+    assert torch.allclose(_input_gradient(Ensemble(members), images, labels),
+                          _input_gradient(mean_of_members, images, labels), rtol=1e-4, atol=1e-9)
     on_ensemble = pgd(Ensemble(members), images, labels, 8 / 255, 2 / 255, 5)
     assert all(not torch.equal(on_ensemble, pgd(m, images, labels, 8 / 255, 2 / 255, 5)) for m in members)
     assert (on_ensemble - images).abs().max().item() <= 8 / 255 + 1e-6

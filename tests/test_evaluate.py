@@ -223,6 +223,7 @@ def test_shuffle_with_one_patch_is_the_identity() -> None:
 def test_shuffle_is_seeded_per_test_index() -> None:
     images = _numbered_patches(4)
     assert torch.equal(shuffle_patches(images, 4, seed=2), shuffle_patches(images, 4, seed=2))
+    assert not torch.equal(shuffle_patches(images, 4, seed=2), shuffle_patches(images, 4, seed=3))
     assert torch.equal(shuffle_patches(images[2:], 4, indices=torch.arange(2, 5)), shuffle_patches(images, 4)[2:])
 
 

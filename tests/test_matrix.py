@@ -237,6 +237,7 @@ def test_an_ensemble_source_is_crafted_once_and_scored_on_every_target(
     report = run_matrix(cells, store, images, labels, {ensemble.ensemble_id: ensemble.member_ids}, progress=False)
     assert report.crafts == 1 and report.cells == 2  # one adversarial set, stored once, scored on both targets
     expected = reference_counts(beyond, store, cells, images, labels)
+    assert len(store.matrix()) == 2
     for row in store.matrix().to_dict("records"):
         counts = expected[_row_key(row)]
         assert (row["n_crafted"], row["n_fooled_source"], row["n_evaluated"], row["n_defended"]) == (

@@ -73,6 +73,7 @@ class TestEveryArchitectureVariantPlacement:
         x = torch.rand(4, 3, 32, 32)
         assert torch.equal(model(x), loaded(x))
         assert loaded.config == model.config
+        assert masks_of(loaded).keys() == masks_of(model).keys()
         assert all(torch.equal(masks_of(model)[k], v) for k, v in masks_of(loaded).items())
 
 

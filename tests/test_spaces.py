@@ -82,6 +82,7 @@ def test_table2_has_every_placement_variant_multiplier_and_five_mask_ensembles()
     assert any(m.deep_ratio > 0 and m.shallow_ratio == 0 for m in masks)
     assert any(m.deep_ratio > 0 and m.shallow_ratio > 0 for m in masks)
     assert any(m.channel_multiplier == 2 for m in masks)
+    assert len(s.group("ensembles").ensembles) == 2  # one per drop ratio, 0.5 and 0.9
     for ens in s.group("ensembles").ensembles:  # the paper's EN: five masks, five separate trainings
         assert sorted(m.mask.seed for m in ens.members) == [0, 1, 2, 3, 4]
         assert sorted(m.seed for m in ens.members) == [1, 2, 3, 4, 5]
