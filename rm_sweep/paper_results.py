@@ -18,7 +18,8 @@ The CSV files under ``rm_sweep/paper/`` are the paper's result tables as numbers
   0.7-Shallow. The paper's text lost the column headers; the columns are our reading
   (``fgsm1``, ``fgsm2``, ``fgsm4``, ``pgd1``, ``pgd2``, ``pgd4``: ``rm_sweep.attacks.settings``
   and ``docs/fidelity.md`` say why).
-- ``table7_graybox.csv`` (App. F.4, Table 7): PGD (``pgd16``) defense, one column per source
+- ``table7_graybox.csv`` (App. F.4, Table 7): FGSM (``fgsm16``, as its numbers show; the
+  authors' script runs ``pgd16``, docs/fidelity.md) defense, one column per source
   (normal, 0.5- and 0.7-Shallow ResNet-18), one row per target. ``relation`` says how a target
   relates to its source: ``other_init`` (same structure and mask, trained separately),
   ``other_mask`` (same drop ratio, another mask, trained separately) or ``transfer`` (another
