@@ -13,9 +13,11 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-# Reports at exit whether the command imported Ray (commands validate before they import it).
-_PROBE = ("import atexit, runpy, sys; "
-          "atexit.register(lambda: print('ray imported' if 'ray' in sys.modules else 'ray not imported')); "
+# Reports at exit, one line each, whether the command imported the watched modules (Ray by
+# default: commands validate before they import it).
+_PROBE = ("import atexit, runpy, sys; watched = sys.argv.pop(1).split(','); "
+          "atexit.register(lambda: print('\\n'.join(f'{m} imported' if m in sys.modules else f'{m} not imported' "
+          "for m in watched))); "
           "module = sys.argv.pop(1); sys.argv[0] = module; runpy.run_module(module, run_name='__main__')")
 
 
@@ -57,19 +59,21 @@ def without_file_override(command: list[str]) -> list[str]:
 
 
 def probe_command(module: str, *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None,
-                  wrap: Callable[[list[str]], list[str]] | None = None) -> subprocess.Popen:
+                  wrap: Callable[[list[str]], list[str]] | None = None, watch: tuple[str, ...] = ("ray",)
+                  ) -> subprocess.Popen:
     """``python -m MODULE ARGS`` started in ``cwd`` with this checkout on the path; its stdout
-    ends with ``ray imported`` or ``ray not imported``. ``wrap`` rewrites the command line
-    (``without_file_override``)."""
-    command = [sys.executable, "-c", _PROBE, module, *args]
+    ends with a line per ``watch`` module, ``ray imported`` or ``ray not imported`` by default.
+    ``wrap`` rewrites the command line (``without_file_override``)."""
+    command = [sys.executable, "-c", _PROBE, ",".join(watch), module, *args]
     return subprocess.Popen(wrap(command) if wrap else command, cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
 def run_command(module: str, *args: str, cwd: Path = ROOT, timeout: float = 600, env: dict[str, str] | None = None,
-                wrap: Callable[[list[str]], list[str]] | None = None) -> subprocess.CompletedProcess:
+                wrap: Callable[[list[str]], list[str]] | None = None,
+                watch: tuple[str, ...] = ("ray",)) -> subprocess.CompletedProcess:
     """``probe_command``, run to its end."""
-    proc = probe_command(module, *args, cwd=cwd, env=env, wrap=wrap)
+    proc = probe_command(module, *args, cwd=cwd, env=env, wrap=wrap, watch=watch)
     stdout, stderr = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 

@@ -34,12 +34,9 @@ def test_python_m_rm_sweep_help_lists_every_command_in_one_line_each() -> None:
 @pytest.mark.parametrize("argv, status", [(["--help"], 0), ([], 2), (["trian"], 2)])
 def test_rm_sweep_lists_or_refuses_commands_without_importing_torch(argv: list[str], status: int) -> None:
     # The first thing a new user types answers at once: torch alone takes seconds to import.
-    probe = ("import runpy, sys; sys.argv[0] = 'rm_sweep'\n"
-             "try: runpy.run_module('rm_sweep', run_name='__main__')\n"
-             "except SystemExit as exit: print('exit', exit.code, 'torch' in sys.modules, 'pandas' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", probe, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert done.stdout.splitlines()[-1] == f"exit {status} False False", done.stdout + done.stderr
+    done = run_command("rm_sweep", *argv, timeout=120, watch=("torch", "pandas"))
+    assert done.returncode == status, done.stderr
+    assert done.stdout.splitlines()[-2:] == ["torch not imported", "pandas not imported"], done.stdout
 
 
 def test_console_script_entry_prints_the_same_help(monkeypatch: pytest.MonkeyPatch,
