@@ -2,11 +2,11 @@
 
     run(Store("store"), "SELECT attack, median(defense_rate) FROM matrix GROUP BY attack")  # pyarrow.Table
 
-The views ``models``, ``matrix`` and ``ensembles`` are ``Store.arrow`` registered with DuckDB
-(zero-copy); ``matrix`` also has ``ci_low`` and ``ci_high``, each rate's 95 % Wilson interval. ``Store`` is the one reader of the store, so SQL sees exactly the rows pandas and
+The views ``models``, ``matrix`` and ``ensembles`` are ``Store.arrow`` registered with DuckDB;
+``matrix`` also has ``ci_low`` and ``ci_high``, each rate's 95 % Wilson interval. ``Store`` is the one reader of the store, so SQL sees exactly the rows pandas and
 the figures see, local or on S3 alike (pyarrow's filesystem reads S3; DuckDB's own S3 extension
 is never used), in the tables' types: an ensemble's ``members`` is a list of strings,
-``created_at`` a timestamp in UTC.
+``created_at`` a timestamp in UTC, and an undefined number (stored as NaN) is NULL.
 
 Once the views are registered the connection is sealed, for one query and then closed:
 external access is off (no file or URL is read or written: ``read_csv``, ``COPY ... TO``,
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from rm_sweep.errors import UserError
 from rm_sweep.stats import wilson
@@ -51,13 +52,25 @@ def connect(store: Store) -> duckdb.DuckDBPyConnection:
     connection = duckdb.connect(":memory:", config=_CONFIG)
     try:
         for name in TABLES:
-            connection.register(name, with_interval_columns(store.arrow(name)) if name == "matrix" else store.arrow(name))
+            table = nan_as_null(store.arrow(name))
+            connection.register(name, with_interval_columns(table) if name == "matrix" else table)
         for statement in _SEAL:
             connection.execute(statement)
     except BaseException:
         connection.close()
         raise
     return connection
+
+
+def nan_as_null(table: pa.Table) -> pa.Table:
+    """``table`` with every floating-point NaN (the store's undefined value: the rate of a cell
+    with no evaluated image, the median queries of a cell that fooled nothing) as NULL, which
+    SQL's aggregates and ``IS NULL`` know; DuckDB counts NaN as a value (``avg`` of it is NaN)."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_floating(field.type):
+            column = table.column(i)
+            table = table.set_column(i, field, pc.if_else(pc.is_nan(column), pa.scalar(None, field.type), column))
+    return table
 
 
 def with_interval_columns(matrix: pa.Table) -> pa.Table:
