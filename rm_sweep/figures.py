@@ -24,7 +24,7 @@ from rm_sweep.errors import UserError
 from rm_sweep.paper_results import FIG14_METRICS as METRICS
 from rm_sweep.spaces import SearchSpace
 from rm_sweep.spec import MATRIX_KEY, MatrixCell, ModelSpec
-from rm_sweep.stats import wilson
+from rm_sweep.stats import widest_cells, wilson
 from rm_sweep.store import Store
 
 SETTINGS = tuple(m for m in METRICS if m != "clean_accuracy")  # the attack settings drawn
@@ -98,10 +98,12 @@ def fig14_rows(store: Store, space: SearchSpace | None = None, *, allow_empty: b
         where = f"of space {space.name}" if space is not None else "(black-box madry_fgsm / madry_pgd from a normal " \
                                                                    "ResNet-18 onto shallow-masked ResNet-18s)"
         raise UserError(f"store {store.uri} holds no Fig. 14 cells {where}")
-    # dropna=False: a cell whose rate is undefined (no image the source was fooled on reached the
-    # target correctly classified) still names its pair; its rate stays NaN.
-    wide = matrix.pivot_table(index=["source_id", "target_id"], columns="attack",
-                              values=["defense_rate", "n_defended", "n_evaluated"], aggfunc="first", dropna=False)
+    # One cell per pair and setting, all its columns from that cell: the widest limit, and of cells
+    # whose setting's parameters differ (a code version changed them) the newest. Unstacking keeps
+    # a cell whose rate is undefined (no image reached the target) and invents no pair.
+    cells = widest_cells(matrix).drop_duplicates(["source_id", "target_id", "attack"], keep="last")
+    wide = cells.set_index(["source_id", "target_id", "attack"])[["defense_rate", "n_defended", "n_evaluated"]] \
+        .unstack("attack")
     rates = wide["defense_rate"].reindex(columns=list(SETTINGS)) * 100
     for setting in SETTINGS:
         for count in ("defended", "evaluated"):

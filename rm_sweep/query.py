@@ -37,7 +37,7 @@ from rm_sweep.atomic import atomic_write_bytes
 from rm_sweep.errors import UserError, cli_main
 from rm_sweep.protocols import PROTOCOLS
 from rm_sweep.spec import paper_label
-from rm_sweep.stats import with_intervals
+from rm_sweep.stats import widest_cells, with_intervals
 from rm_sweep.store import Store
 from rm_sweep.tables import MATRIX_SCHEMA, TABLES
 
@@ -191,8 +191,9 @@ def pivot(store: Store | str, setting: str, *, protocol: str = "black", value: s
             shown in %) or a count column (``n_defended``, ``n_evaluated``, ...).
         where: further conditions on matrix columns (e.g. ``limit=1000``).
         ids: label rows and columns by id instead of the paper's names.
-        pool: several cells for one (target, column), e.g. different limits, are pooled (their
-            counts summed, the rate recomputed) instead of being an error.
+        pool: several cells for one (target, column) are one value instead of an error: of
+            cells that differ only in their limit the widest (``widest_cells``), and the rest
+            pooled (their counts summed, the rate recomputed).
     """
     store = _store(store)
     numeric = [f.name for f in MATRIX_SCHEMA if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)]
@@ -203,6 +204,8 @@ def pivot(store: Store | str, setting: str, *, protocol: str = "black", value: s
     if not len(matrix):
         raise UserError(f"the store has no {protocol} cells for {setting}{' with ' + ' '.join(where) if where else ''}")
     columns = "source_id" if PROTOCOLS[protocol].crafts else "attack_params"
+    if pool:
+        matrix = widest_cells(matrix)
     duplicated = matrix.duplicated(["target_id", columns], keep=False)
     if duplicated.any() and pool:
         if value not in (*_COUNTS, *_RATES):
@@ -220,7 +223,10 @@ def pivot(store: Store | str, setting: str, *, protocol: str = "black", value: s
     grid["Acc"] = [models["clean_accuracy"].get(t, math.nan) * 100 for t in grid.index]
     order = _order(store)
     rows = sorted(grid.index, key=lambda i: order.get(i, ("~",)))
-    cols = sorted((c for c in grid.columns if c != "Acc"), key=lambda c: order.get(c, ("~", c)))
+    if columns == "attack_params":
+        cols = sorted((c for c in grid.columns if c != "Acc"), key=lambda c: _natural(_params_label(c)))
+    else:
+        cols = sorted((c for c in grid.columns if c != "Acc"), key=lambda c: order.get(c, ("~", c)))
     grid = grid.loc[rows, [*cols, "Acc"]]
     if not ids:
         names = labels(store)
@@ -235,13 +241,21 @@ def pivot(store: Store | str, setting: str, *, protocol: str = "black", value: s
 
 
 def _params_label(params: str) -> str:
-    """``{"sigma_255": 8}`` -> ``sigma 8/255``; ``{"patches": 4}`` -> ``4x4 patches``."""
+    """``{"sigma_255": 8}`` -> ``sigma 8/255``; ``{"patches": 4}`` -> ``4x4 patches``; a query
+    setting's -> ``1000 queries`` (its budget)."""
     d = json.loads(params)
     if "sigma_255" in d:
         return f"sigma {d['sigma_255']:g}/255"
     if "patches" in d:
         return f"{d['patches']}x{d['patches']} patches"
+    if "max_queries" in d:
+        return f"{d['max_queries']} queries"
     return params
+
+
+def _natural(label: str) -> list:
+    """Sort key comparing the numbers in ``label`` as numbers: ``sigma 8/255`` before ``sigma 16/255``."""
+    return [float(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+(?:\.\d+)?)", label))]
 
 
 def sql(store: Store | str, query: str) -> pd.DataFrame:

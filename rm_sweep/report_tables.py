@@ -15,9 +15,11 @@ How stored facts meet the paper's cells (``_row_selection`` and ``_column_select
 - Table 7's masked rows tell the two gray-box kinds apart by the mask seeds: the same as the
   source's is another initialisation, another one is another mask.
 
-Several stored cells can make one paper cell (seeds of the source or the target, limits). Ours is
-then the pooled rate, defended over evaluated across them, with its 95 % Wilson interval
-(``rm_sweep.stats``), and the mean ± sample std of their rates says how much seeds move it.
+Several stored cells can make one paper cell (seeds of the source or the target). Ours is then the
+pooled rate, defended over evaluated across them, with its 95 % Wilson interval
+(``rm_sweep.stats``), and the mean ± sample std of their rates says how much seeds move it. Of
+cells that differ only in their image limit the widest is taken (``widest_cells``: its images
+include the others'), and a cell with no evaluated image has no rate and is not counted.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import pandas as pd
 from rm_sweep.attacks import PAPER_TABLE_COLUMNS
 from rm_sweep.paper_results import parse_label, read_table, tables8_12
 from rm_sweep.spec import ARCH_NAMES, paper_label
-from rm_sweep.stats import wilson
+from rm_sweep.stats import widest_cells, wilson
 from rm_sweep.store import Store
 
 # Tables 8-12 in the order the paper prints them (the CSV's order): one source each.
@@ -238,13 +240,15 @@ def paper_tables() -> list[PaperTable]:
 
 
 def stored_cells(store: Store) -> pd.DataFrame:
-    """The store's matrix cells on single models, each with its target's and its source's
-    ``models`` columns (prefixed ``target_`` and ``source_``; NaN where the source is no model)
-    and the data set family (``target_family``)."""
+    """The store's matrix cells on single models that have a rate (an evaluated image), the
+    widest of each limit (``widest_cells``), each with its target's and its source's ``models``
+    columns (prefixed ``target_`` and ``source_``; NaN where the source is no model) and the data
+    set family (``target_family``)."""
     matrix = store.matrix()
     models = store.models()[_MODEL_COLUMNS]
     models = models.assign(family=models["dataset"].map(data_family))
-    cells = matrix[matrix["target_kind"] == "model"]
+    cells = widest_cells(matrix[matrix["target_kind"] == "model"])
+    cells = cells[cells["n_evaluated"] > 0]
     cells = cells.merge(models.add_prefix("target_"), left_on="target_id", right_on="target_model_id")
     return cells.merge(models.add_prefix("source_"), left_on="source_id", right_on="source_model_id", how="left")
 
@@ -275,7 +279,7 @@ def _rates(found: pd.DataFrame) -> dict[str, float]:
     """Pooled rate, its Wilson interval, and mean ± std of the single rates, in percent."""
     defended, evaluated = int(found["n_defended"].sum()), int(found["n_evaluated"].sum())
     low, high = wilson(defended, evaluated)
-    rates = found["n_defended"] / found["n_evaluated"].where(found["n_evaluated"] > 0) * 100
+    rates = found["n_defended"] / found["n_evaluated"] * 100  # stored_cells: never 0
     several = len(found) > 1
     return {"ours": defended / evaluated * 100 if evaluated else math.nan, "ci_low": float(low) * 100,
             "ci_high": float(high) * 100, "mean": rates.mean() if several else math.nan,

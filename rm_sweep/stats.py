@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from rm_sweep.spec import MATRIX_KEY
+
 Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile: a two-sided 95 % interval
 
 
@@ -27,4 +29,16 @@ def with_intervals(matrix: pd.DataFrame) -> pd.DataFrame:
     return matrix.assign(ci_low=low, ci_high=high)
 
 
-__all__ = ["Z95", "wilson", "with_intervals"]
+def widest_cells(matrix: pd.DataFrame) -> pd.DataFrame:
+    """``matrix`` with one cell per key but the image limit: the one with the largest limit.
+
+    Every protocol takes the first ``limit`` images of a fixed order (the test set's, or of those
+    the model classifies correctly), so a smaller limit's images are among a larger one's:
+    summing both cells would count those images twice and narrow the interval. Rows keep their
+    order.
+    """
+    others = [k for k in MATRIX_KEY if k != "limit"]
+    return matrix.sort_values("limit", kind="stable").drop_duplicates(others, keep="last").sort_index()
+
+
+__all__ = ["Z95", "widest_cells", "wilson", "with_intervals"]

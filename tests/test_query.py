@@ -3,7 +3,9 @@ filters, the paper's pivot layout, the output formats and SQL, in Python and on 
 from __future__ import annotations
 
 import io
+import math
 import re
+import shutil
 from pathlib import Path
 
 import duckdb
@@ -14,6 +16,7 @@ import pytest
 import scipy.stats
 
 from rm_sweep import query, sql_engine
+from rm_sweep.attacks import get_setting
 from rm_sweep.data import load_dataset
 from rm_sweep.errors import UserError, cli_main
 from rm_sweep.masks import MaskConfig
@@ -143,6 +146,22 @@ def test_pivot_of_noise_has_one_column_per_level(known: dict) -> None:
     assert grid.columns.tolist() == ["sigma 8/255", "Acc"] and grid.iloc[0, 0] == 90.0
 
 
+def test_parameter_columns_are_in_numeric_order_and_named(known: dict, tmp_path: Path) -> None:
+    shutil.copytree(known["store"].uri, tmp_path / "store")
+    store = Store(tmp_path / "store")
+    target = known["targets"][0].model_id
+    cell = {"source_id": None, "target_id": target, "target_kind": "model", "limit": 1000, "n_crafted": 10,
+            "n_fooled_source": None, "n_evaluated": 10, "n_defended": 5, "defense_rate": 0.5}
+    store.add_matrix([{**cell, "protocol": "noise", "attack": "noise", "attack_params": canonical_json({"sigma_255": s})}
+                      for s in (16, 4)]
+                     + [{**cell, "protocol": "query", "attack": "square8", "median_queries": 30.0,
+                         "attack_params": canonical_json(get_setting("square8").params())}])
+    noise = query.pivot(store, "noise", protocol="noise")
+    assert noise.columns.tolist() == ["sigma 4/255", "sigma 8/255", "sigma 16/255", "Acc"]  # not as text: 16 < 4 < 8
+    square = query.pivot(store, "square8", protocol="query")
+    assert square.columns.tolist() == ["1000 queries", "Acc"] and square.iloc[0, 0] == 50.0
+
+
 @pytest.mark.parametrize("fmt", ["csv", "markdown", "latex", "table"])
 def test_cli_pivot_formats_show_the_same_numbers(known: dict, capsys: pytest.CaptureFixture, fmt: str) -> None:
     code, out, _ = _run(["--store", known["store"].uri, "pivot", "--setting", "madry_pgd", "--format", fmt], capsys)
@@ -237,6 +256,26 @@ def test_sql_mean_std_and_median_over_seeds(either: Store, known: dict) -> None:
     assert frame["n"].tolist() == expected["count"].tolist() == [3, 3, 1]
     for column in ("mean", "std", "median"):  # std over seeds: the sample standard deviation, as pandas'
         assert frame[column].tolist() == pytest.approx(expected[column].tolist(), nan_ok=True)
+
+
+def test_sql_aggregates_skip_undefined_rates_as_pandas_does(known: dict, tmp_path: Path) -> None:
+    """A cell with no evaluated image has no rate (stored as NaN): SQL sees NULL, which its
+    aggregates skip, not a NaN that would make every average over it NaN."""
+    shutil.copytree(known["store"].uri, tmp_path / "store")
+    store = Store(tmp_path / "store")
+    source, (target, *_) = known["sources"][0], known["targets"]
+    params = canonical_json(get_setting("pgd16").params())
+    store.add_matrix([{"protocol": "black", "source_id": s.model_id, "target_id": target.model_id,
+                       "target_kind": "model", "attack": "pgd16", "attack_params": params, "limit": 1000,
+                       "n_crafted": 10, "n_fooled_source": 5, "n_evaluated": evaluated, "n_defended": defended,
+                       "defense_rate": defended / evaluated if evaluated else math.nan}
+                      for s, defended, evaluated in ((source, 0, 0), (known["sources"][1], 30, 100))])
+    frame = query.sql(store, "SELECT avg(defense_rate) AS mean, max(defense_rate) AS top, count(defense_rate) AS n, "
+                             "count_if(defense_rate IS NULL) AS undefined FROM matrix WHERE attack = 'pgd16'")
+    expected = query.table(store, "matrix", ["attack=pgd16"])["defense_rate"]
+    assert frame.to_dict("records") == [{"mean": expected.mean(), "top": expected.max(), "n": expected.count(),
+                                         "undefined": 1}]
+    assert (expected.mean(), expected.count()) == (0.3, 1)
 
 
 def test_sql_pivot_is_the_matrix_pivot(either: Store, known: dict) -> None:

@@ -44,7 +44,10 @@ CELLS = [
     ("black", "src0", "normal", "madry_fgsm", 1000, 30, 100),
     ("black", "src3", "normal", "madry_fgsm", 1000, 20, 100),
     ("black", "src0", "half_a", "madry_fgsm", 1000, 60, 100),
-    ("black", "src0", "half_a", "madry_fgsm", 500, 30, 50),  # a second limit: pooled with the first
+    # A smaller limit: its images are among the limit-1000 cell's, which alone counts (60 %, not 100/150).
+    ("black", "src0", "half_a", "madry_fgsm", 500, 40, 50),
+    ("black", "src0", "half_mask", "madry_fgsm", 1000, 0, 0),  # no image evaluated: no rate, not counted
+    ("black", "src0", "normal", "madry_pgd", 1000, 0, 0),  # Table 1's cell: it stays empty
     ("black", "src0", "half_b", "madry_fgsm", 1000, 70, 120),
     ("gray", "src0", "half_a", "fgsm16", 1000, 40, 80),  # same mask seed as the source: another initialisation
     ("gray", "src0", "half_mask", "fgsm16", 1000, 20, 50),  # another mask
@@ -69,7 +72,7 @@ def _handmade(root: Path, cells: list[tuple]) -> Store:
     rows = [{"protocol": protocol, "source_id": ids[source], "target_id": ids[target], "target_kind": "model",
              "attack": setting, "attack_params": canonical_json(get_setting(setting).params()), "limit": limit,
              "n_crafted": evaluated + 10, "n_fooled_source": evaluated + 5, "n_evaluated": evaluated,
-             "n_defended": defended, "defense_rate": defended / evaluated}
+             "n_defended": defended, "defense_rate": defended / evaluated if evaluated else math.nan}
             for protocol, source, target, setting, limit, defended, evaluated in cells]
     store.add_matrix(rows)
     return store
@@ -122,7 +125,7 @@ def test_paper_values_are_the_csvs(handmade: Store, title: str) -> None:
 
 @pytest.mark.parametrize("title, row, column, counts", [
     ("Table 9", "Normal ResNet-18", "madry_fgsm", [(30, 100), (20, 100)]),  # two sources' seeds
-    ("Table 9", "0.5-Shallow", "madry_fgsm", [(60, 100), (30, 50), (70, 120)]),  # two limits, two target seeds
+    ("Table 9", "0.5-Shallow", "madry_fgsm", [(60, 100), (70, 120)]),  # the widest limit, two target seeds
     ("Table 1", "Normal ResNet-18", "madry_fgsm", [(30, 100), (20, 100)]),
     ("Table 4", "Normal VGG-19", "from ResNet-18", [(10, 40)]),
     ("Table 7", "Normal VGG-19", "from Normal ResNet-18", [(12, 40)]),
@@ -156,9 +159,16 @@ def test_accuracy_is_the_mean_over_the_rows_targets(handmade: Store) -> None:
     assert accuracy["ours"] == pytest.approx(np.mean(clean)) and accuracy["std"] == pytest.approx(np.std(clean, ddof=1))
 
 
-def test_heatmap_pools_limits(handmade: Store) -> None:
+def test_cells_without_an_evaluated_image_are_not_filled(handmade: Store) -> None:
+    (table1,) = [f for f in fill_tables(handmade) if f.table.title == "Table 1"]
+    cell = _cell(table1, "Normal ResNet-18", "madry_pgd")
+    assert cell["n_cells"] == 0 and math.isnan(cell["ours"]) and cell_text(cell) == "7.56 / -"
+    assert table1.filled == int((table1.cells["n_evaluated"] > 0).sum())
+
+
+def test_heatmap_takes_the_widest_limit(handmade: Store) -> None:
     grid = heatmap_grid(handmade, "black", "madry_fgsm")
-    assert grid.loc["ResNet-18 0.5-Shallow (seed 1, mask seed 0)", "from Normal ResNet-18 (seed 0)"] == 60.0  # 90/150
+    assert grid.loc["ResNet-18 0.5-Shallow (seed 1, mask seed 0)", "from Normal ResNet-18 (seed 0)"] == 60.0  # 60/100
     with pytest.raises(UserError, match="several madry_fgsm cells"):
         pivot(handmade, "madry_fgsm")  # the query command still refuses to mix limits silently
 
@@ -239,7 +249,7 @@ def test_markdown_and_latex_hold_the_same_tables(handmade: Store, handmade_repor
     latex = handmade_report.with_name("report_tables.tex").read_text()
     (table9,) = [f for f in fill_tables(handmade) if f.table.title == "Table 9"]
     text = cell_text(_cell(table9, "0.5-Shallow", "madry_fgsm"))
-    assert text.startswith("59.66 / 59.26 [53.3, 65.0] (-0.40); 59.44 ± 0.96 over 3")
+    assert text.startswith("59.66 / 59.09 [52.5, 65.4] (-0.57); 59.17 ± 1.18 over 2")
     assert text in markdown and text.replace("±", r"$\pm$") in latex
     assert latex.count(r"\begin{tabular}") == len(_PAPER)
     for title in _PAPER:

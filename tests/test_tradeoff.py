@@ -25,6 +25,7 @@ from rm_sweep.leases import Leases, Owner
 from rm_sweep.paper_results import fig14_points, read_table, tables8_12
 from rm_sweep.spaces import SearchSpace, load_space
 from rm_sweep.store import Store
+from rm_sweep.tables import MATRIX_GIVEN
 
 from scaffold import run_command
 from tinystore import build_filled, space_file, write_tinted_folder
@@ -200,6 +201,28 @@ def test_the_store_alone_selects_the_spaces_cells(filled: tuple[SearchSpace, Sto
     assert fig14_rows(empty, allow_empty=True).empty
     with pytest.raises(UserError, match="holds no Fig. 14 cells"):
         fig14_rows(empty)
+
+
+def test_each_pair_is_its_widest_cell_and_only_stored_pairs_are_rows(filled: tuple[SearchSpace, Store, Path],
+                                                                      tmp_path: Path) -> None:
+    """Read without a space, a store can hold a pair at several limits: the widest cell is the
+    pair's, rate and counts alike (a smaller limit's images are among its own), whichever was
+    written first. A second source adds its pairs, not every source x target combination."""
+    space, store, _ = filled
+    shutil.copytree(store.uri, tmp_path / "store", ignore=lambda d, _: ["matrix"] if d == store.uri else [])
+    copy = Store(tmp_path / "store")  # its models, no cells yet
+    before = fig14_rows(store)
+    cells = store.matrix()[[c for c in MATRIX_GIVEN if c in store.matrix().columns]]
+    narrower = cells.assign(limit=cells["limit"] // 2, n_defended=0, n_evaluated=0, defense_rate=math.nan)
+    normal = before.loc[before["shallow_ratio"] == 0, "target_id"].iloc[0]
+    other_source = cells[cells["target_id"] == before["target_id"].iloc[-1]].assign(source_id=normal)
+    for written in (narrower, cells, other_source):  # the narrower cells first
+        copy.add_matrix([{k: v for k, v in row.items() if not pd.isna(v) or k == "defense_rate"}
+                         for row in written.to_dict("records")])
+    after = fig14_rows(copy)
+    widened = after[after["source_id"] != normal].reset_index(drop=True)
+    pd.testing.assert_frame_equal(widened, before)
+    assert len(after) == len(before) + 1  # the one new pair
 
 
 @pytest.mark.parametrize("metric, ratio, value", [
