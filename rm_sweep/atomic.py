@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from rm_sweep.errors import UserError
+
 
 def umask() -> int:
     """This process's umask, read without changing it (``os.umask`` can only be read by setting
@@ -60,8 +62,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
     ``tempfile.mkstemp`` creates its file 0600 (private to the writer); it is given the mode a
     plain ``open()`` would have before the rename, so group members read what anyone writes.
+    A symbolic link keeps its place: the file it names is replaced. A device or a pipe
+    (``/dev/stdout``, ``/dev/null``) is written straight to, never replaced by a file.
+
+    Raises:
+        UserError: a device or pipe refused the data (``/dev/full``).
     """
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        try:
+            with open(path, "wb") as stream:
+                stream.write(data)
+        except OSError as exc:
+            raise UserError(f"cannot write {path}: {exc.strerror or type(exc).__name__}") from None
+        return
+    if path.is_symlink():
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:

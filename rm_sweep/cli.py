@@ -109,6 +109,10 @@ def output_file(text: str, flag: str = "--out", *, make_parent: bool = False) ->
     path = Path(text)
     if path.is_dir():
         raise UserError(f"{flag} {text} is a directory; give a file name")
+    if path.exists() and not path.is_file():  # a device or a pipe: written to, not replaced
+        if not os.access(path, os.W_OK):
+            raise UserError(f"{flag} {text}: cannot write to it (Permission denied)")
+        return path
     if not make_parent and not path.parent.exists():
         raise UserError(f"{flag} {text}: {path.parent} does not exist")
     problem = cannot_create(path.parent)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 import rm_sweep.__main__ as entry
 from rm_sweep import cli, matrix, pipeline, sweep, tradeoff
+from rm_sweep.atomic import atomic_write_bytes
 from rm_sweep.errors import UserError, cli_main
 from rm_sweep.orchestration.session import unreachable
 from rm_sweep.orchestration.values import SweepResult
@@ -159,6 +161,33 @@ def test_a_path_to_create_deep_below_a_writable_folder_passes_and_checking_creat
     target = tmp_path / "a" / "b" / "out"
     assert PATH_CHECKS[check](str(target)) == target
     assert list(tmp_path.iterdir()) == []
+
+
+def test_out_to_a_pipe_or_a_link_writes_through_and_replaces_neither(tmp_path: Path) -> None:
+    """``--out /dev/stdout`` or a link: a pipe or device is written to, never replaced by a file
+    (as root that would replace /dev/null itself); a link keeps its place and its file gets the data."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader waiting, as a shell's would be
+    try:
+        assert cli.output_file(str(fifo)) == fifo
+        atomic_write_bytes(fifo, b"rows\n")
+        assert os.read(reader, 100) == b"rows\n"
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]
+    target = tmp_path / "table.csv"
+    target.write_text("old\n")
+    (tmp_path / "link.csv").symlink_to(target)
+    atomic_write_bytes(tmp_path / "link.csv", b"new\n")
+    assert (tmp_path / "link.csv").is_symlink() and target.read_text() == "new\n"
+
+
+@pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="no /dev/full")
+def test_a_device_that_refuses_the_data_is_one_line_and_stays_a_device() -> None:
+    with pytest.raises(UserError, match="^cannot write /dev/full: No space left on device$"):
+        atomic_write_bytes("/dev/full", b"rows\n")
+    assert Path("/dev/full").is_char_device()
 
 
 def test_output_cut_short_by_its_reader_ends_quietly(tmp_path: Path) -> None:
