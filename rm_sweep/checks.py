@@ -57,8 +57,8 @@ def positive(value: Any, what: str, *, integer: bool = False, minimum: float = 0
 
 
 def positive_int(value: Any, what: str) -> int:
-    """A count: an integer >= 1."""
-    return int(positive(value, what, integer=True))
+    """A count: an integer >= 1 that the store's int64 columns hold."""
+    return int(positive(value, what, integer=True, maximum=2**63 - 1))
 
 
 def seed(value: Any, what: str = "seed") -> int:
@@ -79,7 +79,7 @@ def ratio(value: Any, what: str) -> float:
 
 def choice(value: Any, choices: Collection[str], what: str) -> str:
     """``value`` if it is one of ``choices``; otherwise an error suggesting the closest one."""
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:  # a YAML list or map is no name (nor hashable)
         raise UserError(f"unknown {what} {value!r}; {_hint(value, choices)}")
     return value
 

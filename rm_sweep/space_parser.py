@@ -24,6 +24,7 @@ RESOURCE_FIELDS = ("cpus_per_trial", "gpus_per_trial", "max_failures", "max_conc
 GROUP_FIELDS = ("name", "arch", "width", "shallow_ratio", "deep_ratio", "variant", "channel_multiplier", "seed",
                 "mask_seed", "ensemble")
 ENSEMBLE_FIELDS = ("size", "seeds")
+MAX_ENSEMBLE = 1000  # far above the paper's 5; a typo of millions would build millions of specs first
 ENSEMBLE_SEEDS = ("independent", "shared")
 # A block lists protocols, sources and targets, a limit, and each protocol's values (attacks, sigmas, ...).
 VALUE_FIELDS = tuple(dict.fromkeys(p.values for p in PROTOCOLS.values()))
@@ -207,7 +208,8 @@ class _Parser:
         d = _fields({"size": raw} if not isinstance(raw, dict) else raw, ENSEMBLE_FIELDS, field)
         if "size" not in d:
             _fail(_join(field, "size"), "missing (required)")
-        size = int(_check(checks.positive, d["size"], _join(field, "size"), integer=True, minimum=2, strict=False))
+        size = int(_check(checks.positive, d["size"], _join(field, "size"), integer=True, minimum=2, strict=False,
+                          maximum=MAX_ENSEMBLE))
         return EnsembleSeeds(size, _choice(d.get("seeds", "independent"), _join(field, "seeds"), ENSEMBLE_SEEDS,
                                            "way of choosing member seeds"))
 

@@ -19,7 +19,7 @@ and models the store already holds are known (by ``model_id``) before any trial 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -138,6 +138,9 @@ def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode) -> dict
     seen = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, Hashable):
+            raise yaml.constructor.ConstructorError(None, None, "a list or a mapping cannot be a key",
+                                                    key_node.start_mark)
         if key in seen:
             raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
                                                     key_node.start_mark)

@@ -82,7 +82,10 @@ def data_identity(text: str) -> str:
     spec = parse_data_spec(text)
     if spec.path is None:
         return spec.kind
-    name = Path(spec.path).expanduser().resolve().name
+    try:
+        name = Path(spec.path).expanduser().resolve().name
+    except (RuntimeError, ValueError) as exc:  # ~nosuchuser; a NUL byte
+        raise UserError(f"data spec {text!r}: {exc}") from None
     if not name:
         raise UserError(f"data spec {text!r}: the folder needs a name (the root directory cannot be a data set)")
     return f"folder:{name}"

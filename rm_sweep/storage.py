@@ -33,6 +33,8 @@ class Storage:
         self.query = f"?{parts.query}" if parts and parts.query else ""
         self.root = root.rstrip("/")
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        if not self.local and not self.root:
+            raise UserError(f"store {uri}: name a bucket (s3://BUCKET/PREFIX)")
         if self.local and os.path.exists(self.root) and not os.path.isdir(self.root):
             raise UserError(f"store {uri} is a file; a store is a directory (or an s3:// URI)")
 

@@ -68,7 +68,9 @@ CASES = [
     ("train-width-huge", "train", _train("--width", "1e9"), "resnet18 at width 1e+09 is too large to build"),
     ("train-lr-past-float32", "train", _train("--lr", "1e300"), "lr must be a number <= 3.403e+38"),
     ("train-subset", "train", _train("--train-subset", "2"), "train_subset must be an integer of at least 3"),
+    ("train-threads", "train", _train("--threads", "100000"), "argument --threads: value must be a number <= 1024"),
     ("train-no-out", "train", _train(drop="--out"), "the following arguments are required: --out"),
+    ("train-model-dir", "train", _train("--out", "clashrun"), "clashrun/model.pt, written with it, is a directory"),
     ("train-out-read-only", "train", _train("--out", "readonly/run"),
      "--out readonly/run: cannot write in readonly (Permission denied)"),
     ("train-data-dir-read-only", "train", _train("--data-dir", "readonly/cache"),
@@ -79,6 +81,12 @@ CASES = [
     ("sweep-seed-1e23", "sweep", ["seed.yaml"], "models[0].seed: '1.0e23' is text, not a number"),
     ("sweep-width-inf", "sweep", ["width.yaml"], "models[0].width must be a finite number, got inf"),
     ("sweep-lr-inf", "sweep", ["lr.yaml"], "recipe.lr must be a finite number, got inf"),
+    ("sweep-ensemble-huge", "sweep", ["huge.yaml", "--dry-run"], "models[1].ensemble.size must be a number <= 1000"),
+    ("sweep-key-list", "sweep", ["listkey.yaml"], "a list or a mapping cannot be a key"),
+    ("sweep-attack-list", "sweep", ["nested.yaml"], "matrix[0].attacks[0]: unknown attack setting ['madry_fgsm']"),
+    ("sweep-limit-int64", "sweep", ["limit.yaml", "--dry-run"], "matrix[0].limit must be a number <= 9.223e+18"),
+    ("sweep-data-user", "sweep", ["space.yaml", "--dry-run", "--data", "folder:~nosuchuser/x"],
+     "data spec 'folder:~nosuchuser/x': Could not determine home directory"),
     ("sweep-store-file", "sweep", ["space.yaml", "--store", "afile"], "store afile is a file"),
     ("sweep-store-file-dry", "sweep", ["space.yaml", "--store", "afile", "--dry-run"], "store afile is a file"),
     ("sweep-s3-dry", "sweep", ["space.yaml", "--store", UNREACHABLE, "--dry-run"], "cannot reach the endpoint 127.0.0.1:"),
@@ -111,6 +119,8 @@ CASES = [
      "afile is not a directory"),
     ("tradeoff-out-read-only", "tradeoff", ["--space", "space.yaml", "--out", "readonly/fig.png"],
      "--out readonly/fig.png: cannot write in readonly (Permission denied)"),
+    ("tradeoff-svg-dir", "tradeoff", ["--space", "space.yaml", "--out", "clash.png"],
+     "clash.svg, written with it, is a directory"),
     ("tradeoff-no-cells", "tradeoff", ["--space", "nofig.yaml"], "no Fig. 14 cells"),
     ("tradeoff-store-file", "tradeoff", ["--space", "space.yaml", "--store", "afile"], "store afile is a file"),
     ("tradeoff-paper", "tradeoff", ["--paper", "maybe"], "argument --paper: invalid choice"),
@@ -125,8 +135,15 @@ CASES = [
     ("query-out-read-only", "query", ["models", "--out", "readonly/models.csv"],
      "--out readonly/models.csv: cannot write in readonly (Permission denied)"),
     ("query-where", "query", ["models", "--where", "seed=abc"], "column is numeric"),
+    ("query-where-inf", "query", ["models", "--where", "width=inf"], "inf is not a finite number"),
+    ("query-out-full", "query", ["models", "--out", "/dev/full"], "cannot write /dev/full: No space left on device"),
+    ("query-no-bucket", "query", ["--store", "s3://"], "name a bucket"),
     ("query-columns", "query", ["models", "--columns", "nope"], "no column 'nope' in models"),
     ("query-sql-table", "query", ["models", "--sql", "SELECT 1"], "--sql takes no table"),
+    ("query-sql-empty", "query", ["--sql", " "], "--sql needs a query"),
+    ("query-sql-union", "query", ["--sql", "SELECT union_value(k := 1) AS u"], "SQL: the result cannot be shown"),
+    ("query-parquet-twice", "query", ["--sql", "SELECT 1 AS a, 2 AS a", "--format", "parquet", "--out", "a.parquet"],
+     "cannot write Parquet: Duplicate column names"),
     ("query-foreign", "query", ["models", "--store", "foreign"], "is not a models file: its column seed is double"),
     ("query-s3", "query", ["--store", UNREACHABLE], "cannot reach the endpoint 127.0.0.1:"),
     # python -m rm_sweep.report
@@ -139,6 +156,8 @@ CASES = [
     ("report-out-read-only", "report", ["--out", "readonly/report.html"],
      "--out readonly/report.html: cannot write in readonly (Permission denied)"),
     ("report-out-under-file", "report", ["--out", "afile/report.html"], "afile is not a directory"),
+    ("report-md-dir", "report", ["--out", "clash.html"], "clash.md, written with it, is a directory"),
+    ("report-figures-file", "report", ["--out", "afile.html"], "afile_figures, written with it, is a file"),
     ("report-data", "report", ["--data", "imagenet"], "unknown data set"),
     # found after the figures are drawn: none of them may be left behind
     ("report-data-other", "report", ["--data", "folder:trainonly"], "is not a data set the store's models were"),
@@ -164,6 +183,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_space(root / "lr.yaml", good.replace("batch_size: 32", "batch_size: 32\n  lr: .inf"))
     write_space(root / "attack.yaml", good.replace("madry_fgsm", "pgd8"))
     write_space(root / "nofig.yaml", good.replace("madry_fgsm", "fgsm16"))
+    write_space(root / "listkey.yaml", good.replace("name: bad\n", "name: bad\n? [a, b]\n: 1\n", 1))
+    write_space(root / "huge.yaml", good.replace("  name: b\n", "  name: b\n  ensemble: 10000000\n", 1))
+    write_space(root / "nested.yaml", good.replace("  - madry_fgsm", "  - [madry_fgsm]"))
+    write_space(root / "limit.yaml", good.replace("  protocols:", "  limit: 1.0e+30\n  protocols:"))
     store = Store(root / "store")
     (first, _), _ = add_models(store, 2)
     store.add_matrix(matrix_rows(first.model_id, ["t1", "t2"]))
@@ -178,6 +201,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "afile").write_text("not a directory\n")
     (root / "adir").mkdir()
     (root / "adir.png").mkdir()
+    for clash in ("clashrun/model.pt", "clash.svg", "clash.md"):  # where a command writes a file beside --out
+        (root / clash).mkdir(parents=True)
+    (root / "afile_figures").write_text("not a directory\n")
     return root
 
 
