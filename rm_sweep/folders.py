@@ -127,9 +127,12 @@ def _read_image(file: str, mode: ImageReadMode) -> torch.Tensor:
     from torchvision.io import decode_image, read_file
 
     try:
-        return decode_image(read_file(file), mode=mode)
+        image = decode_image(read_file(file), mode=mode)
     except RuntimeError as exc:
         raise UserError(f"cannot decode image {file}: {str(exc).splitlines()[0]}") from None
+    if image.dtype == torch.uint16:  # a 16-bit PNG: to the 8 bits every other image has
+        image = (image.to(torch.int32) * 255 + 32767).div(65535, rounding_mode="floor").to(torch.uint8)
+    return image
 
 
 @contextmanager

@@ -1,8 +1,8 @@
 """The attack matrix as heatmaps: one per (protocol, attack setting), targets x sources.
 
 Each grid is ``rm_sweep.query.pivot``'s (the paper's layout, the store's labels and order), with
-cells that differ only in their limit pooled (a white-box grid is one column: each model against
-itself); colour is the defense rate (0-100 %, one scale for
+the widest of cells that differ only in their limit (a white-box grid is one column: each model
+against itself); colour is the defense rate (0-100 %, one scale for
 every heatmap, so two of them compare at a glance) and each cell has its value written in it.
 """
 from __future__ import annotations
@@ -20,11 +20,12 @@ CMAP = "viridis"  # perceptually uniform and readable in grey and by colour-blin
 
 
 def heatmap_pairs(store: Store) -> list[tuple[str, str]]:
-    """The (protocol, attack) pairs the store's matrix holds, in the protocol registry's order."""
+    """The (protocol, attack) pairs the store's matrix holds, in the protocol registry's order;
+    rows of no known protocol or no attack name (written by another tool) have no heatmap."""
     matrix = store.matrix()
     order = {name: i for i, name in enumerate(PROTOCOLS)}
-    pairs = set(zip(matrix["protocol"], matrix["attack"]))
-    return sorted(pairs, key=lambda p: (order.get(p[0], len(order)), p[0], p[1]))
+    pairs = {(p, a) for p, a in zip(matrix["protocol"], matrix["attack"]) if p in order and isinstance(a, str)}
+    return sorted(pairs, key=lambda p: (order[p[0]], p[1]))
 
 
 def column_label(protocol: str) -> str:

@@ -97,9 +97,11 @@ class Lease:
         try:
             d = json.loads(data)
             host, pid, started = d["renewer"]
-            return cls(str(d["model_id"]), Owner(**d["owner"]), (str(host), int(pid), float(started)),
-                       float(d["expires"]))
-        except (ValueError, TypeError, KeyError):
+            lease = cls(str(d["model_id"]), Owner(**d["owner"]), (str(host), int(pid), float(started)),
+                        float(d["expires"]))
+            dt.datetime.fromtimestamp(lease.expires, dt.timezone.utc)  # a time a clock can show (not NaN, inf, 1e300)
+            return lease
+        except (ValueError, TypeError, KeyError, OverflowError, OSError):
             return None
 
 

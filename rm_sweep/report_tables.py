@@ -45,11 +45,11 @@ _MODEL_COLUMNS = ["model_id", "architecture", "dataset", "width", "recipe", "sha
 RELATIONS = {"other_init": "other initialisation", "other_mask": "other mask", "transfer": "transfer"}
 
 
-def data_family(dataset: str) -> str:
+def data_family(dataset: str | None) -> str:
     """Which paper data set a stored model's data set stands for: ``mnist`` for MNIST (``mnist``
     or a folder whose name contains "mnist"), ``cifar10`` for every other (CIFAR-10 itself, and
     stand-ins such as a small folder of test images)."""
-    return "mnist" if "mnist" in dataset.lower() else "cifar10"
+    return "mnist" if isinstance(dataset, str) and "mnist" in dataset.lower() else "cifar10"
 
 
 @dataclass(frozen=True)

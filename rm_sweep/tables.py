@@ -194,8 +194,9 @@ def _converts(given: pa.DataType, wanted: pa.DataType) -> bool:
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """``table`` with exactly ``schema``'s columns: missing ones (files of older versions) null.
     Check ``problem`` first: a column that does not convert raises here."""
-    columns = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
-               for f in schema]
+    # A timestamp's digits below the microsecond (pandas writes nanoseconds) are cut, not an error.
+    columns = [table[f.name].cast(f.type, safe=not pa.types.is_timestamp(f.type)) if f.name in table.column_names
+               else pa.nulls(len(table), f.type) for f in schema]
     return pa.Table.from_arrays(columns, schema=schema)
 
 

@@ -39,6 +39,7 @@ STATE_FILE = "train_state.pt"
 _STATE_FORMAT = "rm_sweep.train_state/1"
 EVAL_BATCH = 1000  # evaluation holds no activations for backward: large batches are cheap
 DEVICES = ("cpu", "cuda")
+MAX_THREADS = 1024
 
 
 def resolve_device(device: torch.device | str | None = None) -> torch.device:
@@ -166,7 +167,8 @@ def fit(
     epoch's metrics plus ``clean_accuracy`` (float32 test accuracy of the returned model),
     ``epochs`` and ``device``. The model is left on ``device`` in the default memory format.
     An epoch whose mean loss is not finite (a learning rate too large) raises ``UserError``
-    naming it, before its state is written or reported.
+    naming it, before its state is written or reported. ``progress``: a bar of training steps
+    on stderr when it is a terminal.
     """
     device = resolve_device(device)
     amp = device.type == "cuda"
@@ -200,18 +202,25 @@ def fit(
             on_unusable_state(str(exc))
             state_path.unlink()
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["loader_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if amp and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            generator.set_state(state["loader_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            if amp and "cuda_rng" in state:
+                torch.cuda.set_rng_state(state["cuda_rng"], device)
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            # Partly loaded by now, so not a state to fall back from: the run stops.
+            raise UserError(f"training state {state_path} does not fit this run ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0]}); delete it to start over") from None
         start, history = state["epoch"], list(state["history"])
     elapsed = history[-1]["train_seconds"] if history else 0.0
 
+    # On a terminal only (tqdm's None): a log or a pipe gets the one JSON line and, on failure,
+    # the one error line, not the bar's carriage-return redraws before them.
     bar = tqdm(total=(recipe.epochs - start) * len(train_loader), desc="train", unit="step",
-               disable=not progress, dynamic_ncols=True)
+               disable=None if progress else True, dynamic_ncols=True)
     try:
         for epoch in range(start, recipe.epochs):
             t0 = time.perf_counter()
@@ -282,7 +291,26 @@ def _read_state(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
     if differ:
         raise _UnusableState(f"{path} belongs to a different run ({', '.join(differ)} differ)",
                              "use another directory")
+    problem = _state_problem(state)
+    if problem is not None:
+        raise _UnusableState(f"training state {path} is damaged ({problem})", "delete it to start over")
     return state
+
+
+def _state_problem(state: dict[str, Any]) -> str | None:
+    """What in a training state of the right format and run cannot be resumed (a field missing
+    or of another type), checked before any of it is loaded; None if nothing."""
+    for key, kind in (("model", dict), ("optimizer", dict), ("scheduler", dict), ("epoch", int), ("history", list)):
+        if not isinstance(state.get(key), kind):
+            return f"its {key} is missing or not a {kind.__name__}"
+    for key in ("loader_rng", "torch_rng"):
+        if not (isinstance(state.get(key), torch.Tensor) and state[key].dtype == torch.uint8):
+            return f"its {key} is not a generator state"
+    history = state["history"]
+    if len(history) != state["epoch"] or not all(isinstance(h, dict) and isinstance(h.get("train_seconds"), float)
+                                                 for h in history):
+        return f"its history does not hold epochs 1-{state['epoch']}"
+    return None
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -311,7 +339,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the model (default: on CUDA, with CUDA graphs; off on the CPU)")
-    p.add_argument("--threads", type=cli.count(), help="CPU threads for torch (default: torch's choice, one per core)")
+    # OpenMP crashes (SIGSEGV, no message) asked for some 10**5 threads: a bound far above any machine.
+    p.add_argument("--threads", type=cli.count(maximum=MAX_THREADS),
+                   help="CPU threads for torch (default: torch's choice, one per core)")
     p.add_argument("--out", required=True, help="run directory: training state, model.pt")
     return p.parse_args(argv)
 
@@ -338,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                       channel_multiplier=args.channel_multiplier, seed=args.mask_seed)
     device = resolve_device(args.device)
     out = cli.output_dir(args.out, "the run directory (training state and model.pt)")
+    cli.written_beside(out, files=(out / "model.pt", out / STATE_FILE))
     # Subsets use seed 0 whatever --seed is, so runs that differ in seed see the same images.
     data = load_dataset(spec, data_dir=args.data_dir, train_subset=args.train_subset, test_subset=args.test_subset)
     torch.manual_seed(args.seed)

@@ -145,6 +145,23 @@ def test_channels_are_decided_by_every_image(tmp_path: Path, gray: str, channels
         assert torch.equal(ds.train_x[1:], rgb[1:])
 
 
+@pytest.mark.parametrize("sixteen", ["train/c0/0000.png", "*/*/*.png"], ids=["one", "all"])
+def test_a_16_bit_png_is_read_as_the_8_bits_of_the_others(tmp_path: Path, sixteen: str) -> None:
+    """16-bit PNGs (value v * 257 stands for v) decode to the uint8 images every data set holds."""
+    folder = tmp_path / "ds"
+    write_image_folder(folder)
+    files = sorted(folder.glob(sixteen), key=lambda p: (p.relative_to(folder).parts[0] != "train", p))
+    eight = []
+    for file in files:
+        with Image.open(file) as image:
+            gray = np.asarray(image.convert("L"))
+        eight.append(torch.from_numpy(gray.copy()))
+        Image.fromarray(gray.astype(np.uint16) * 257).save(file)
+    ds = load_dataset(f"folder:{folder}", data_dir=tmp_path / "cache")
+    assert ds.train_x.dtype == torch.uint8
+    assert all(torch.equal(channel, eight[0]) for channel in ds.train_x[0])
+
+
 def test_loading_a_cached_data_set_does_not_import_torchvision(tmp_path: Path) -> None:
     """Every Ray worker loads data from the cache; torchvision's import (~1 s of CPU) is paid
     only by the process that decodes."""

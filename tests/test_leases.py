@@ -2,6 +2,7 @@
 a stale lease is taken over, a lease is only ever released or renewed by its own run."""
 from __future__ import annotations
 
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -60,9 +61,14 @@ def test_a_lease_whose_renewing_process_is_gone_from_this_machine_is_stale(tmp_p
     assert mine.acquire("alive") == alive  # its renewer (this very process) runs
 
 
-def test_a_damaged_lease_file_holds_nothing(tmp_path) -> None:
+@pytest.mark.parametrize("expires", ["not json", "1e300", "Infinity", "NaN"])
+def test_a_damaged_lease_file_holds_nothing(tmp_path, expires: str) -> None:
+    """Not JSON, or an expiry no clock can show (it would never expire, and describing it fails)."""
     files = Storage(str(tmp_path))
-    files.write(files.path(LEASE_DIR, "m.json"), b"\x80\x04not json")
+    lease = plant(files, "m", expires_in=60).to_json().decode()
+    damaged = "\x80\x04not json" if expires == "not json" else re.sub(r'"expires": [^,]+,', f'"expires": {expires},', lease)
+    assert damaged != lease
+    files.write(files.path(LEASE_DIR, "m.json"), damaged.encode())
     mine = Leases(files, owner("mine"))
     assert mine.read("m") is None and mine.acquire("m") is None and mine.read("m").owner == mine.owner
 

@@ -6,6 +6,7 @@ Counts and shapes marked "authors'" were taken by building the authors' model fi
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -352,3 +353,21 @@ def test_corrupt_foreign_and_missing_checkpoints_raise_clear_errors(tmp_path):
                           ("foreign.pt", "not an rm_sweep checkpoint"), ("missing.pt", "does not exist")]:
         with pytest.raises(UserError, match=message):
             load_checkpoint(tmp_path / name)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.pop("config"), r"is damaged \(KeyError: 'config'\)"),
+    (lambda c: c.pop("state_dict"), r"is damaged \(KeyError: 'state_dict'\)"),
+    (lambda c: c.update(state_dict=[]), "does not match its config"),
+    (lambda c: c["config"].update(mean="abc"), r"is damaged \(ValueError"),
+    (lambda c: c["config"].update(width="x"), "width must be a number, got 'x'"),
+], ids=["no-config", "no-state", "state-list", "mean-text", "width-text"])
+def test_a_checkpoint_with_a_damaged_field_is_one_error_naming_it(tmp_path, change, message):
+    """A zip-valid rm_sweep checkpoint whose fields are missing or of another type (crafted, or
+    written by another tool): one ``UserError`` naming the file, not a ``KeyError`` from deep inside."""
+    save_checkpoint(create_model("resnet18", width=WIDTH), tmp_path / "good.pt")
+    ckpt = torch.load(tmp_path / "good.pt", weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match=f"^checkpoint {re.escape(str(tmp_path / 'bad.pt'))}:? .*{message}"):
+        load_checkpoint(tmp_path / "bad.pt")

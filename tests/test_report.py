@@ -8,11 +8,14 @@ tests/test_query.py does), whose numbers the tables must reproduce; one of tiny 
 from __future__ import annotations
 
 import math
+import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -267,6 +270,25 @@ def test_the_report_lists_each_directory_of_the_store_once(handmade: Store, tmp_
     built = report.build(store, tmp_path / "figures")
     assert built.heatmaps >= 4 and len(built.tables) == len(_PAPER)
     assert sorted(listed) == sorted(set(listed)) and len(listed) == 3, listed
+
+
+def test_rows_another_tool_wrote_with_odd_values_draw_nothing_and_break_nothing(handmade: Store,
+                                                                                  tmp_path: Path) -> None:
+    """Files of the tables' columns and types whose values no rm_sweep run writes (an unknown or
+    missing protocol or attack, a model without a data set): the report leaves them out."""
+    shutil.copytree(handmade.uri, tmp_path / "store")
+    store = Store(tmp_path / "store")
+    cells = store.arrow("matrix").slice(0, 3)
+    odd = pa.table({"protocol": ["bogus", None, "black"], "attack": ["madry_fgsm", "madry_fgsm", None]})
+    for name in odd.column_names:
+        cells = cells.set_column(cells.schema.get_field_index(name), name, odd[name])
+    pq.write_table(cells, tmp_path / "store" / "matrix" / "foreign.parquet")
+    model = store.arrow("models").slice(0, 1)
+    model = model.set_column(model.schema.get_field_index("model_id"), "model_id", pa.array(["f" * 16]))
+    model = model.set_column(model.schema.get_field_index("dataset"), "dataset", pa.nulls(1, pa.string()))
+    pq.write_table(model, tmp_path / "store" / "models" / "foreign.parquet")
+    built, expected = report.build(store, tmp_path / "figures"), report.build(handmade, tmp_path / "expected")
+    assert (built.heatmaps, built.tables) == (expected.heatmaps, expected.tables)
 
 
 def test_without_fig14_cells_the_section_says_so(tmp_path: Path) -> None:

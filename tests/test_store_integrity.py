@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -107,6 +108,20 @@ def test_an_older_file_without_later_columns_is_read_with_them_empty(tmp_path: P
     rows = getattr(Store(tmp_path), table)()
     assert len(rows) == 1 and list(rows.columns) == TABLES[table].names
     assert rows[list(later)].isna().all().all()
+
+
+def test_a_file_written_by_pandas_with_nanosecond_times_is_read(tmp_path: Path) -> None:
+    """pandas writes timestamps in nanoseconds: read as the table's microseconds, the digits
+    below them cut, not an error for every reader."""
+    store = Store(tmp_path)
+    store.add_matrix(matrix_rows("s", ["a"]))
+    (path,) = (tmp_path / "matrix").iterdir()
+    table = pq.read_table(path)
+    when = pa.array([1_600_000_000_123_456_789], pa.timestamp("ns", tz="UTC"))
+    pq.write_table(table.set_column(table.schema.get_field_index("created_at"), "created_at", when), path)
+    rows = Store(tmp_path).matrix()
+    assert rows["created_at"].tolist() == [pd.Timestamp(1_600_000_000_123_456_000, tz="UTC")]
+    assert query.sql(Store(tmp_path), "SELECT count(*) AS n FROM matrix")["n"][0] == 1
 
 
 def test_a_model_whose_checkpoint_is_gone_or_damaged_counts_as_missing(filled: tuple[Store, list]) -> None:

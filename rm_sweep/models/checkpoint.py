@@ -31,13 +31,18 @@ def save_checkpoint(model: Classifier, path: str | os.PathLike, extra: dict[str,
     atomic_write_bytes(path, checkpoint_bytes(model, extra))
 
 
+def _name(source: str | os.PathLike | IO[bytes]) -> str:
+    """How an error names ``source``: its path (a ``Path``'s ``.name`` would be the file name alone)."""
+    return str(source) if isinstance(source, (str, os.PathLike)) else str(getattr(source, "name", "a stream"))
+
+
 def read_checkpoint(source: str | os.PathLike | IO[bytes]) -> dict[str, Any]:
     """The raw checkpoint dict, checked to be an rm_sweep checkpoint; loads tensors only.
 
     ``source``: a local path, a URI ``pyarrow.fs`` resolves (``s3://bucket/.../<model_id>.pt``,
     what a store's ``checkpoint`` column holds), or an open binary file.
     """
-    name = getattr(source, "name", source)
+    name = _name(source)
     if isinstance(source, str):
         # Imported here: the value layer (spec) imports this package and must not load pyarrow.
         from rm_sweep import uris
@@ -60,13 +65,20 @@ def load_checkpoint(source: str | os.PathLike | IO[bytes]) -> Classifier:
 
     ``source``: as ``read_checkpoint`` takes it (a path, an ``s3://`` URI, an open file).
     """
+    name = _name(source)
     ckpt = read_checkpoint(source)
-    model = build(ModelConfig.from_dict(ckpt["config"]))
     try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as exc:
+        model = build(ModelConfig.from_dict(ckpt["config"]))
+        state = ckpt["state_dict"]
+    except UserError as exc:
+        raise UserError(f"checkpoint {name}: {exc}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a field missing or of another type
+        raise UserError(f"checkpoint {name} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as exc:
         first = str(exc).splitlines()[0]
-        raise UserError(f"checkpoint {getattr(source, 'name', source)} does not match its config: {first}") from None
+        raise UserError(f"checkpoint {name} does not match its config: {first}") from None
     return model
 
 
