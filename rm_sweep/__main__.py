@@ -15,7 +15,7 @@ import importlib
 import sys
 from typing import NoReturn
 
-from rm_sweep import checks, cli
+from rm_sweep import __version__, checks, cli
 from rm_sweep.errors import UserError, cli_main
 
 # Command -> (module whose main(argv) runs it, what it does in one line).
@@ -34,6 +34,7 @@ def _parser() -> cli.Parser:
     listing = "\n".join(f"  {name:<{width}}  {line}" for name, (_, line) in COMMANDS.items())
     p = cli.parser("rm-sweep", "Random Mask sweeps, attack matrices and figures, one command per step.")
     p.epilog = f"commands:\n{listing}\n\nrm-sweep COMMAND --help shows a command's options."
+    p.add_argument("--version", action="version", version=f"rm-sweep {__version__}")
     p.add_argument("command", metavar="COMMAND", help="one of the commands below")
     # Everything after the command is the command's, --help included.
     p.add_argument("args", nargs=argparse.REMAINDER, help="its arguments (rm-sweep COMMAND --help)")

@@ -5,7 +5,7 @@ import argparse
 import importlib.util
 import os
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,9 +33,11 @@ def parser(prog: str, description: str) -> Parser:
     return Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def count() -> Callable[[str], int]:
-    """An argparse type: a positive integer."""
-    return _type(int, checks.positive_int)
+def count(maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a positive integer (at most ``maximum``)."""
+    if maximum is None:
+        return _type(int, checks.positive_int)
+    return _type(int, lambda value, name: int(checks.positive(value, name, integer=True, maximum=maximum)))
 
 
 def seed() -> Callable[[str], int]:
@@ -119,6 +121,18 @@ def output_file(text: str, flag: str = "--out", *, make_parent: bool = False) ->
     if problem is not None:
         raise UserError(f"{flag} {text}: {problem}")
     return path
+
+
+def written_beside(out: Path, files: Iterable[Path] = (), dirs: Iterable[Path] = (), flag: str = "--out") -> None:
+    """The files and directories a command writes beside (or in) ``out``: a directory where one
+    of ``files`` goes, or a file where one of ``dirs`` goes, is refused before any work, not
+    found when the last of several outputs is written."""
+    for path in files:
+        if path.is_dir():
+            raise UserError(f"{flag} {out}: {path}, written with it, is a directory")
+    for path in dirs:
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{flag} {out}: {path}, written with it, is a file; it names a directory")
 
 
 def output_dir(text: str, holds: str, flag: str = "--out") -> Path:

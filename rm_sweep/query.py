@@ -115,6 +115,8 @@ def filter_frame(frame: pd.DataFrame, where: Sequence[str]) -> pd.DataFrame:
             keep &= test if op == "=" else ~test
             continue
         ops = {"=": series.eq, "!=": series.ne, "<": series.lt, "<=": series.le, ">": series.gt, ">=": series.ge}
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--where {text!r}: {raw} is not a finite number")
         if isinstance(value, float) and op in ("=", "!="):
             # Ratios are stored as floats: 0.7 must find 0.7 whatever its last bit.
             close = (series - value).abs() <= 1e-9 * max(1.0, abs(value))
@@ -269,11 +271,17 @@ def sql(store: Store | str, query: str) -> pd.DataFrame:
     Returns:
         the result, one column per selected expression (lists as arrays, timestamps tz-aware).
     Raises:
-        UserError: ``SQL: ...``, DuckDB's message in one line.
+        UserError: ``SQL: ...``, DuckDB's message in one line, or a result pandas cannot hold
+            (a UNION value, a date beyond pandas' range).
     """
     from rm_sweep import sql_engine  # DuckDB: only --sql needs it
 
-    return sql_engine.run(_store(store), query).to_pandas()
+    result = sql_engine.run(_store(store), query)
+    try:
+        return result.to_pandas()
+    except (pa.ArrowException, ValueError, OverflowError) as exc:
+        raise UserError(f"SQL: the result cannot be shown ({str(exc).splitlines()[0]}); "
+                        "cast the column (e.g. CAST(x AS VARCHAR))") from None
 
 
 def to_markdown(frame: pd.DataFrame, *, index: bool = False) -> str:
@@ -324,7 +332,10 @@ def write(frame: pd.DataFrame, fmt: str, out: str | None, *, index: bool = False
     stdout that is not a terminal."""
     if fmt == "parquet":
         buffer = io.BytesIO()
-        (frame if index else frame.reset_index(drop=True)).to_parquet(buffer, index=index)
+        try:
+            (frame if index else frame.reset_index(drop=True)).to_parquet(buffer, index=index)
+        except (pa.ArrowException, ValueError) as exc:  # two columns of one name, a type Parquet lacks
+            raise UserError(f"cannot write Parquet: {str(exc).splitlines()[0]}") from None
         if out:
             atomic_write_bytes(out, buffer.getvalue())
         elif sys.stdout.isatty():
@@ -385,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.sql is not None:
         if args.what is not None:
             raise UserError("--sql takes no table or pivot argument")
+        if not args.sql.strip():
+            raise UserError("--sql needs a query, e.g. --sql \"SELECT * FROM models\"")
         write(sql(store, args.sql), args.format, args.out)
     elif args.what == "pivot":
         if not args.setting:

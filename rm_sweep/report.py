@@ -66,7 +66,10 @@ def output_paths(out: str | Path) -> tuple[Path, Path, Path, Path]:
     if out.suffix.lower() != ".html":
         raise UserError(f"--out must name an .html file (its .md, _tables.tex and _figures/ go beside it), got {out}")
     cli.output_file(str(out), make_parent=True)
-    return out, out.with_suffix(".md"), out.with_name(f"{out.stem}_tables.tex"), out.with_name(f"{out.stem}_figures")
+    markdown, latex, figures = out.with_suffix(".md"), out.with_name(f"{out.stem}_tables.tex"), \
+        out.with_name(f"{out.stem}_figures")
+    cli.written_beside(out, files=(markdown, latex), dirs=(figures,))
+    return out, markdown, latex, figures
 
 
 def _save(figure: Figure, figures: Path, name: str) -> bytes:

@@ -14,7 +14,6 @@ recipe possibly shortened: ``figures.training_scale``).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import pandas as pd
 
@@ -84,7 +83,8 @@ def dry_run(space: SearchSpace, store: Store) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     space, store = cli.space_and_store(args)
-    check_png_path(cli.output_file(args.out, make_parent=True))  # before hours of work, not after
+    out = check_png_path(cli.output_file(args.out, make_parent=True))  # before hours of work, not after
+    cli.written_beside(out, files=(out.with_suffix(".svg"), out.with_suffix(".pdf")))
     if not fig14_cells(space):
         raise UserError(f"{space.path}: no Fig. 14 cells (black-box madry_fgsm / madry_pgd from a normal resnet18 "
                         "onto resnet18 targets with shallow masks); see the packaged space fig14")
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     scale = training_scale(store, rows)
     overlay = args.paper == "on" or (args.paper == "auto" and scale != "demo")
     paper = fig14_points() if overlay else None
-    draw_fig14(summary, args.out, rows=rows, paper=paper,
+    draw_fig14(summary, out, rows=rows, paper=paper,
                title=f"Fig. 14 ({space.name}): ResNet-18 with shallow Random Mask, black-box from a normal ResNet-18")
 
     if done.started_ray:
@@ -128,7 +128,6 @@ def main(argv: list[str] | None = None) -> int:
               "clean accuracy says little about what masking costs at full size. "
               + ("The paper's points are overlaid for reference only (--paper on)." if overlay else
                  "The paper's points are not overlaid (use --paper on to overlay them anyway)."))
-    out = Path(args.out)
     print(f"\nfigure: {out}, {out.with_suffix('.svg')} and {out.with_suffix('.pdf')}; store: {store.uri}")
     return 0
 

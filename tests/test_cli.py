@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import rm_sweep
 import rm_sweep.__main__ as entry
 from rm_sweep import cli, matrix, pipeline, sweep, tradeoff
 from rm_sweep.atomic import atomic_write_bytes
@@ -33,11 +34,13 @@ def test_python_m_rm_sweep_help_lists_every_command_in_one_line_each() -> None:
     assert "report" in done.stdout and done.stdout.rstrip().endswith("ray not imported")
 
 
-@pytest.mark.parametrize("argv, status", [(["--help"], 0), ([], 2), (["trian"], 2)])
+@pytest.mark.parametrize("argv, status", [(["--help"], 0), (["--version"], 0), ([], 2), (["trian"], 2)])
 def test_rm_sweep_lists_or_refuses_commands_without_importing_torch(argv: list[str], status: int) -> None:
     # The first thing a new user types answers at once: torch alone takes seconds to import.
     done = run_command("rm_sweep", *argv, timeout=120, watch=("torch", "pandas"))
     assert done.returncode == status, done.stderr
+    if argv == ["--version"]:
+        assert done.stdout.splitlines()[0] == f"rm-sweep {rm_sweep.__version__}"
     assert done.stdout.splitlines()[-2:] == ["torch not imported", "pandas not imported"], done.stdout
 
 
