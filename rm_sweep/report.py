@@ -28,10 +28,11 @@ from rm_sweep import cli
 from rm_sweep.atomic import atomic_write_bytes
 from rm_sweep.errors import UserError, cli_main
 from rm_sweep.figures import draw_fig14, fig14_rows, fig14_summary, fig14_table, training_scale
+from rm_sweep.formats import to_markdown
 from rm_sweep.gallery import IMAGES, draw_gallery, gallery_html, make_gallery
 from rm_sweep.heatmaps import column_label, draw_heatmap, heatmap_grid, heatmap_pairs
 from rm_sweep.paper_results import fig14_points
-from rm_sweep.query import model_label, to_markdown
+from rm_sweep.query import model_label
 from rm_sweep.report_render import img, number, page, png_bytes, table_html, table_latex, table_markdown
 from rm_sweep.report_tables import fill_tables
 from rm_sweep.spec import parse_data_spec

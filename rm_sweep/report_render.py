@@ -16,7 +16,7 @@ from collections.abc import Callable
 import pandas as pd
 from matplotlib.figure import Figure
 
-from rm_sweep.query import to_markdown
+from rm_sweep.formats import to_markdown
 from rm_sweep.report_tables import FilledTable
 
 MISSING = "-"

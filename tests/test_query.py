@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.stats
 
-from rm_sweep import query, sql_engine
+from rm_sweep import formats, query, sql_engine
 from rm_sweep.attacks import get_setting
 from rm_sweep.data import load_dataset
 from rm_sweep.errors import UserError, cli_main
@@ -200,7 +200,7 @@ def _tabular(text: str) -> tuple[list[str], list[list[str]]]:
 
 def test_latex_escapes_text_and_lists() -> None:
     frame = pd.DataFrame({"model_id": ["a_1", "b&c"], "members": [["x_1", "y"], None], "rate": [0.5, float("nan")]})
-    header, rows = _tabular(query.to_latex(frame))
+    header, rows = _tabular(formats.to_latex(frame))
     assert header == [r"model\_id", "members", "rate"]
     assert rows == [[r"a\_1", r"['x\_1', 'y']", "0.5"], [r"b\&c", "", ""]]
 
@@ -215,7 +215,7 @@ def test_cli_table_as_latex(known: dict, capsys: pytest.CaptureFixture) -> None:
 
 def test_markdown_is_exact() -> None:
     frame = pd.DataFrame({"name": ["a", "bb"], "rate": [1.5, float("nan")]})
-    assert query.to_markdown(frame) == "| name | rate |\n|------|-----:|\n| a    |  1.5 |\n| bb   |      |"
+    assert formats.to_markdown(frame) == "| name | rate |\n|------|-----:|\n| a    |  1.5 |\n| bb   |      |"
 
 
 def test_cli_parquet_round_trips(known: dict, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
