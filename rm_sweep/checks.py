@@ -56,9 +56,12 @@ def positive(value: Any, what: str, *, integer: bool = False, minimum: float = 0
     return value
 
 
-def positive_int(value: Any, what: str) -> int:
-    """A count: an integer >= 1 that the store's int64 columns hold."""
-    return int(positive(value, what, integer=True, maximum=2**63 - 1))
+INT64_MAX = 2**63 - 1  # the largest count the store's int64 columns hold
+
+
+def positive_int(value: Any, what: str, maximum: int = INT64_MAX) -> int:
+    """A count: an integer >= 1 and at most ``maximum`` (by default what the store's int64 columns hold)."""
+    return int(positive(value, what, integer=True, maximum=maximum))
 
 
 def seed(value: Any, what: str = "seed") -> int:
@@ -108,4 +111,4 @@ def _hint(value: Any, choices: Collection[str]) -> str:
     return f"did you mean {close[0]}?" if close else f"choose from {', '.join(choices)}"
 
 
-__all__ = ["choice", "known_fields", "number", "positive", "positive_int", "ratio", "seed"]
+__all__ = ["INT64_MAX", "choice", "known_fields", "number", "positive", "positive_int", "ratio", "seed"]

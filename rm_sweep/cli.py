@@ -33,11 +33,9 @@ def parser(prog: str, description: str) -> Parser:
     return Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def count(maximum: int | None = None) -> Callable[[str], int]:
+def count(maximum: int = checks.INT64_MAX) -> Callable[[str], int]:
     """An argparse type: a positive integer (at most ``maximum``)."""
-    if maximum is None:
-        return _type(int, checks.positive_int)
-    return _type(int, lambda value, name: int(checks.positive(value, name, integer=True, maximum=maximum)))
+    return _type(int, lambda value, name: checks.positive_int(value, name, maximum))
 
 
 def seed() -> Callable[[str], int]:

@@ -208,7 +208,7 @@ class Shuffle(Protocol):
     defaults = (2, 4, 8)  # the paper's grids
 
     def cell(self, value: Any, limit: int | None) -> tuple[str, dict[str, Any], int]:
-        n = int(checks.positive(value, "patches per side", integer=True, minimum=2, strict=False, maximum=2**63 - 1))
+        n = int(checks.positive(value, "patches per side", integer=True, minimum=2, strict=False, maximum=checks.INT64_MAX))
         return self.name, {"patches": n}, limit or DEFAULT_LIMIT
 
     def count(self, target: Target | None, job: Job, images: torch.Tensor, labels: torch.Tensor) -> DefenseCounts:

@@ -222,10 +222,9 @@ def pivot(store: Store | str, setting: str, *, protocol: str = "black", value: s
     grid["Acc"] = [models["clean_accuracy"].get(t, math.nan) * 100 for t in grid.index]
     order = _order(store)
     rows = sorted(grid.index, key=lambda i: order.get(i, ("~",)))
-    if columns == "attack_params":
-        cols = sorted((c for c in grid.columns if c != "Acc"), key=lambda c: _natural(_params_label(c)))
-    else:
-        cols = sorted((c for c in grid.columns if c != "Acc"), key=lambda c: order.get(c, ("~", c)))
+    column_key = (lambda c: _natural(_params_label(c))) if columns == "attack_params" else \
+        (lambda c: order.get(c, ("~", c)))
+    cols = sorted((c for c in grid.columns if c != "Acc"), key=column_key)
     grid = grid.loc[rows, [*cols, "Acc"]]
     if not ids:
         names = labels(store)
