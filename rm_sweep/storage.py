@@ -1,14 +1,15 @@
-"""A directory, local or on S3, whose every file operation fails in one line.
+"""A directory, local or on S3 (or Google Cloud Storage), whose every file operation fails in one line.
 
 ``rm_sweep.store.Store`` keeps its tables and checkpoints in one, ``rm_sweep.leases`` its leases.
 Errors name the directory and what failed; a file that cannot be read says why without advising
 to delete it (``rm_sweep.errors.cannot_read``); an ``s3://`` endpoint that cannot be reached is
-named. Local files are written atomically with the permissions the writer's umask gives.
+named (``gs://`` too). Local files are written atomically with the permissions the writer's umask gives.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from urllib.parse import parse_qs, urlsplit
@@ -55,17 +56,21 @@ class Storage:
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if reading is not None and isinstance(exc, (PermissionError, IsADirectoryError)):
                 raise cannot_read(reading, exc) from None
-            if not self.local and ("NETWORK_CONNECTION" in text or "curlCode" in text):
-                raise UserError(f"store {self.uri}: cannot reach the endpoint {self.endpoint()} ({text})") from None
+            if not self.local and any(mark in text for mark in ("NETWORK_CONNECTION", "curlCode", "CURL error")):
+                raise UserError(f"store {self.uri}: cannot reach the endpoint {self.endpoint()} "
+                                f"({_network_reason(text)})") from None
             reason = "Permission denied" if isinstance(exc, PermissionError) else exc.strerror or text
             raise UserError(f"store {self.uri}: cannot {action}: {reason}") from None
 
     def endpoint(self) -> str:
-        """The S3 endpoint requests go to: the URI's ``endpoint_override``, the AWS environment's,
-        else AWS's own."""
+        """The endpoint requests go to: the URI's ``endpoint_override``; for S3 the AWS
+        environment's, else AWS's own; for ``gs://`` Google's."""
         override = parse_qs(self.query.lstrip("?")).get("endpoint_override")
-        return (override[0] if override else os.environ.get("AWS_ENDPOINT_URL_S3")
-                or os.environ.get("AWS_ENDPOINT_URL") or "of AWS S3")
+        if override:
+            return override[0]
+        if self.scheme in ("gs", "gcs"):
+            return "of Google Cloud Storage"
+        return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "of AWS S3"
 
     def info(self, path: str) -> pafs.FileInfo:
         with self.errors(f"read {self.display(path)}"):
@@ -122,6 +127,13 @@ class Storage:
             with self.fs.open_output_stream(probe) as f:
                 f.write(b"")
             self.fs.delete_file(probe)
+
+
+def _network_reason(text: str) -> str:
+    """The cause in a network error's text: Google's client nests it in a page-long status, as
+    ``CURL error [6]=Could not resolve hostname``; S3's text is short and kept whole."""
+    found = re.findall(r"CURL error \[\d+\]=([^{}]+?)(?= error_info=|\}|$)", text)
+    return f"CURL error: {found[-1].strip()}" if found else text
 
 
 __all__ = ["Storage"]

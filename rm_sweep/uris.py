@@ -7,11 +7,16 @@ The store's root, and every checkpoint URI its ``models`` table records, go thro
 from __future__ import annotations
 
 import os
+from urllib.parse import parse_qs, urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 from rm_sweep.errors import UserError
+
+# pyarrow retries a failed Google Cloud Storage request for 15 minutes, so a gs:// store on a
+# machine without a network would seem to hang. Transient errors are still retried this long.
+GCS_RETRY_SECONDS = 30
 
 
 def default_store_uri() -> str:
@@ -29,10 +34,14 @@ def resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
 
     A local path is made absolute (``~`` expanded). For S3, credentials, region and endpoint
     come from the URI's query or the environment (``AWS_ENDPOINT_URL`` included), as pyarrow
-    reads them.
+    reads them. A ``gs://`` URI retries for ``GCS_RETRY_SECONDS`` unless its query sets
+    ``retry_limit_seconds``.
     """
     if not is_uri(uri):
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    parts = urlsplit(uri)
+    if parts.scheme in ("gs", "gcs") and "retry_limit_seconds" not in parse_qs(parts.query):
+        uri = parts._replace(query="&".join(filter(None, [parts.query, f"retry_limit_seconds={GCS_RETRY_SECONDS}"]))).geturl()
     try:
         return pafs.FileSystem.from_uri(uri)
     except (pa.ArrowException, OSError, ValueError) as exc:
@@ -52,4 +61,4 @@ def read_bytes(uri: str, what: str = "file") -> bytes:
         raise UserError(f"cannot read {what} {uri}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
-__all__ = ["default_store_uri", "is_uri", "read_bytes", "resolve_uri"]
+__all__ = ["GCS_RETRY_SECONDS", "default_store_uri", "is_uri", "read_bytes", "resolve_uri"]

@@ -23,8 +23,10 @@ from rm_sweep.errors import UserError
 from rm_sweep.masks import MaskConfig
 from rm_sweep.spaces import load_space
 from rm_sweep.spec import EnsembleSpec
+from rm_sweep.storage import Storage
 from rm_sweep.store import NOT_STORED, Store
 from rm_sweep.tables import ADDED_LATER, MATRIX_SCHEMA, MODELS_SCHEMA, TABLES
+from rm_sweep.uris import GCS_RETRY_SECONDS
 
 from scaffold import DUMMY_AWS, ROOT, closed_port, run_command, without_file_override
 from tinystore import add_models, matrix_rows, metrics, space_file, spec, tiny_data, write_tinted_folder
@@ -258,6 +260,35 @@ def test_an_unreachable_s3_store_is_one_line_naming_the_endpoint(monkeypatch: py
         Store(uri).models()
     assert str(info.value).startswith(f"store {uri}: cannot reach the endpoint {endpoint} (")
     assert "\n" not in str(info.value)
+
+
+# What pyarrow's Google Cloud Storage client raises without a network (abridged: the real
+# message repeats the OAuth advice), one line.
+GCS_OFFLINE = ("google::cloud::Status(UNAVAILABLE: Retry policy exhausted, with a last message of Could not "
+               "create a OAuth2 access token to authenticate the request. The underlying error message was: "
+               "PerformWork() - CURL error [6]=Could not resolve hostname error_info={reason=, domain=, "
+               "metadata={gcloud-cpp.retry.reason=retry-policy-exhausted, gcloud-cpp.retry.original-message="
+               "Could not create a OAuth2 access token. The underlying error message was: PerformWork() - "
+               "CURL error [6]=Could not resolve hostname}})")
+
+
+@pytest.mark.parametrize(("uri", "seconds"), [("gs://bucket/x", GCS_RETRY_SECONDS),
+                                              ("gs://bucket/x?retry_limit_seconds=5", 5)])
+def test_a_gcs_store_retries_for_bounded_time_and_names_what_it_cannot_reach(
+        uri: str, seconds: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyarrow's own default is 15 minutes of retries: an offline gs:// store seemed to hang."""
+    storage = Storage(uri)
+    assert storage.fs.__reduce__()[1][0]["retry_time_limit"].total_seconds() == seconds
+
+    class Offline:
+        def get_file_info(self, path: object) -> None:
+            raise OSError(GCS_OFFLINE)
+
+    monkeypatch.setattr(storage, "fs", Offline())
+    with pytest.raises(UserError) as info:
+        storage.listing(storage.path("models"))
+    assert str(info.value) == (f"store {uri}: cannot reach the endpoint of Google Cloud Storage "
+                               "(CURL error: Could not resolve hostname)")
 
 
 def test_a_store_that_is_a_file_is_refused(tmp_path: Path) -> None:
