@@ -150,20 +150,16 @@ def _channels_last(x: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def install_masks(model: nn.Module, example: torch.Tensor, seed: int) -> None:
-    """Sample the mask of every ``RandomMask`` in ``model`` from (seed, module path).
+def mask_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, int, int]]:
+    """The (C, H, W) each ``RandomMask`` of ``model`` sees, keyed by module path.
 
-    Args:
-        model: a network whose ``RandomMask`` modules have no mask yet.
-        example: one input batch (1, C, H, W) of the size the network will see, used to find
-            each masked layer's (C, H, W).
-        seed: the mask seed.
+    ``example``: one input batch (1, C, H, W) of the size the network will see; on the meta
+    device (with a model built there) nothing is allocated.
     """
     shapes: dict[str, tuple[int, int, int]] = {}
-    slots = {name: m for name, m in model.named_modules() if isinstance(m, RandomMask)}
     hooks = [
         m.register_forward_pre_hook(lambda _m, args, name=name: shapes.__setitem__(name, tuple(args[0].shape[1:])))
-        for name, m in slots.items()
+        for name, m in model.named_modules() if isinstance(m, RandomMask)
     ]
     was_training = model.training
     model.eval()  # no BatchNorm statistics are touched by this probe
@@ -173,5 +169,17 @@ def install_masks(model: nn.Module, example: torch.Tensor, seed: int) -> None:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    for name, m in slots.items():
-        m.mask = sample_mask(shapes[name], m.ratio, m.variant, seed, name).to(example.device)
+    return shapes
+
+
+def install_masks(model: nn.Module, shapes: dict[str, tuple[int, int, int]], seed: int) -> None:
+    """Sample the mask of every ``RandomMask`` in ``model`` from (seed, module path), on the CPU.
+
+    Args:
+        model: a network whose ``RandomMask`` modules have no mask yet.
+        shapes: each masked layer's (C, H, W), as ``mask_shapes`` finds them.
+        seed: the mask seed.
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, RandomMask):
+            m.mask = sample_mask(shapes[name], m.ratio, m.variant, seed, name)

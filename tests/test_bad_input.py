@@ -50,6 +50,8 @@ CASES = [
     ("train-device-type", "train", _train("--device", "meta"), "unknown device type 'meta'"),
     ("train-out-file", "train", _train("--out", "afile"), "--out afile is a file"),
     ("train-arch", "train", _train("--arch", "resnet181"), "did you mean resnet18?"),
+    ("train-vgg-64", "train", _train("--arch", "vgg19", "--data", "folder:big"),
+     "vgg19 at width 0.125 cannot take 64x64 images"),
     ("train-width-0", "train", _train("--width", "0"), "argument --width: value must be a positive number"),
     ("train-width-inf", "train", _train("--width", "inf"), "value must be a finite number, got inf"),
     ("train-lr-inf", "train", _train("--lr", "inf"), "argument --lr: value must be a finite number"),
@@ -174,6 +176,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("bad-input")
     write_image_folder(root / "data", classes=3, train=4, test=2)
     write_image_folder(root / "trainonly", splits=("train",))
+    write_image_folder(root / "big", classes=2, train=2, test=1, size=64)
     space = tiny_space("bad", "data", [{"name": "a"}, {"name": "b", "shallow_ratio": 0.5}],
                        [{"sources": ["a"], "targets": ["b"], "attacks": ["madry_fgsm"], "protocols": ["black"]}])
     good = write_space(root / "space.yaml", space).read_text()

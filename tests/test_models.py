@@ -5,6 +5,7 @@ Counts and shapes marked "authors'" were taken by building the authors' model fi
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -22,7 +23,7 @@ from rm_sweep.models import (
     registry,
     save_checkpoint,
 )
-from rm_sweep.models.registry import LayerPlan
+from rm_sweep.models.registry import LayerPlan, ModelConfig, build
 
 ARCHS = list_models()
 MASKING_VARIANTS = tuple(v for v in VARIANTS if v != "channel")  # DC narrows the network instead
@@ -309,15 +310,38 @@ def test_bad_mask_config_raises_one_clear_error(bad):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_a_network_whose_weights_exceed_the_memory_available_is_refused_before_it_is_built(arch, monkeypatch):
     """The check counts on the meta device what the build allocates: refused one byte short of
-    the float32 weights, built with exactly that much."""
+    the model's state (weights, BatchNorm statistics and masks), built with exactly that much."""
     mask = MaskConfig(shallow_ratio=0.5, channel_multiplier=2.0)
-    weights = 4 * sum(p.numel() for p in create_model(arch, mask=mask, width=WIDTH).parameters())
-    monkeypatch.setattr(registry, "_memory_available", lambda: weights - 1)
+    state = sum(t.numel() * t.element_size() for t in create_model(arch, mask=mask, width=WIDTH).state_dict().values())
+    monkeypatch.setattr(registry, "_memory_available", lambda: state - 1)
     with pytest.raises(UserError, match=rf"^{arch} at width 0.125, channel multiplier 2 has [\d,]+ parameters: .* GiB "
-                                        "of weights, and this machine has .* GiB of memory available$"):
+                                        "of weights, buffers and masks, and this machine has .* GiB of memory available$"):
         create_model(arch, mask=mask, width=WIDTH)
-    monkeypatch.setattr(registry, "_memory_available", lambda: weights)
+    monkeypatch.setattr(registry, "_memory_available", lambda: state)
     create_model(arch, mask=mask, width=WIDTH)
+
+
+def test_an_image_size_whose_masks_exceed_the_memory_is_refused_before_anything_is_allocated():
+    """A checkpoint's config could ask for 10**6 x 10**6 images: 12 TB for the probe image alone."""
+    with pytest.raises(UserError, match=r"^resnet18 at width 0.125 has [\d,]+ parameters: [\d,.]+ GiB of weights, "
+                                        "buffers and masks, and this machine has"):
+        create_model("resnet18", width=WIDTH, image_size=10**6, mask=MaskConfig(shallow_ratio=0.5))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_images_an_architecture_cannot_take_are_refused_when_it_is_built(masked):
+    """VGG's one linear layer takes the 512 channels of a 1x1 map: 64x64 images leave 2x2."""
+    mask = MaskConfig(shallow_ratio=0.5) if masked else None
+    with pytest.raises(UserError, match=r"^vgg19 at width 0.125 cannot take 64x64 images \(mat1 and mat2"):
+        create_model("vgg19", width=WIDTH, image_size=64, mask=mask)
+
+
+@pytest.mark.parametrize("field", ["num_classes", "in_channels", "image_size"])
+@pytest.mark.parametrize("value", [0, -1, True, 2.5])
+def test_a_config_without_a_positive_count_is_refused_in_one_line(field, value):
+    config = dataclasses.replace(ModelConfig("resnet18", width=WIDTH), **{field: value})
+    with pytest.raises(UserError, match=rf"^{field} must be a"):
+        build(config)
 
 
 def test_a_width_past_what_a_tensor_can_hold_is_one_error_not_an_allocation():

@@ -11,7 +11,7 @@ from torch import nn
 
 from rm_sweep import checks
 from rm_sweep.errors import UserError
-from rm_sweep.masks import PARTS, MaskConfig, RandomMask, install_masks
+from rm_sweep.masks import PARTS, MaskConfig, RandomMask, install_masks, mask_shapes
 
 # Per-channel statistics of the training images (CIFAR-10's std is the per-pixel one,
 # not the 0.2023/0.1994/0.2010 copied through many CIFAR repositories).
@@ -145,38 +145,63 @@ class Classifier(nn.Sequential):
 def build(config: ModelConfig) -> Classifier:
     """Build (and mask) the network a ``ModelConfig`` describes."""
     check_arch(config.arch)
+    for what in ("num_classes", "in_channels", "image_size"):
+        checks.positive_int(getattr(config, what), what)
     if len(config.mean) != config.in_channels or len(config.std) != config.in_channels:
         raise UserError(f"mean/std need {config.in_channels} values, one per input channel")
     checks.positive(config.width, "width")
     plan = LayerPlan(config.width, config.mask)
-    _check_fits_in_memory(config, plan)
-    body = _REGISTRY[config.arch](plan, config.in_channels, config.num_classes)
-    model = Classifier(config, body)
+    shapes = _probe(config, plan)
+    model = Classifier(config, _REGISTRY[config.arch](plan, config.in_channels, config.num_classes))
+    if shapes is None:  # the meta device could not build or run it: one zero image, for real
+        shapes = _shapes(model, torch.zeros(1, config.in_channels, config.image_size, config.image_size), config)
     if config.mask is not None:
-        example = torch.zeros(1, config.in_channels, config.image_size, config.image_size)
-        install_masks(model, example, config.mask.seed)
+        install_masks(model, shapes, config.mask.seed)
     return model
 
 
-def _check_fits_in_memory(config: ModelConfig, plan: LayerPlan) -> None:
-    """A ``UserError`` unless the network's float32 weights fit in the memory this machine has
-    available. They are counted on the meta device, which allocates nothing: a width (or channel
-    multiplier) typo fails in a second, instead of filling memory layer by layer until the
-    kernel kills this process, or a neighbour's."""
+def _describe(config: ModelConfig) -> str:
     multiplier = config.mask.channel_multiplier if config.mask else 1.0
-    network = f"{config.arch} at width {config.width:g}" + (f", channel multiplier {multiplier:g}" if multiplier != 1 else "")
+    return f"{config.arch} at width {config.width:g}" + (f", channel multiplier {multiplier:g}" if multiplier != 1 else "")
+
+
+def _shapes(model: Classifier, example: torch.Tensor, config: ModelConfig) -> dict[str, tuple[int, int, int]]:
+    """``mask_shapes``; a ``UserError`` where the network cannot take images of this size."""
+    try:
+        return mask_shapes(model, example)
+    except RuntimeError as exc:
+        size = f"{config.image_size}x{config.image_size}"
+        raise UserError(f"{_describe(config)} cannot take {size} images ({str(exc).splitlines()[0]})") from None
+
+
+def _probe(config: ModelConfig, plan: LayerPlan) -> dict[str, tuple[int, int, int]] | None:
+    """Build the network on the meta device, which allocates nothing, and run one image through
+    it: the (C, H, W) each mask needs, or None where the meta device cannot build or run this
+    architecture (an op of its own) or the image is too small for it (``_shapes`` then says so). A ``UserError`` unless its weights, buffers and masks fit
+    in the memory this machine has available, so that a width (or channel multiplier, or image
+    size) typo fails in a second instead of filling memory until the kernel kills this process,
+    or a neighbour's."""
     try:
         with torch.device("meta"):
-            body = _REGISTRY[config.arch](plan, config.in_channels, config.num_classes)
+            meta = Classifier(config, _REGISTRY[config.arch](plan, config.in_channels, config.num_classes))
     except (RuntimeError, NotImplementedError) as exc:
-        if "overflow" not in str(exc):  # an op the meta device lacks (a registered arch's own): build for real
-            return
-        raise UserError(f"{network} is too large to build ({str(exc).splitlines()[0]})") from None
-    parameters = sum(p.numel() for p in body.parameters())
+        if "overflow" not in str(exc):
+            return None
+        raise UserError(f"{_describe(config)} is too large to build ({str(exc).splitlines()[0]})") from None
+    example = torch.zeros(1, config.in_channels, config.image_size, config.image_size, device="meta")
+    try:
+        shapes = mask_shapes(meta, example)
+    except (RuntimeError, NotImplementedError):  # too small an image, or an op meta lacks: tried for real
+        return None
+    state = sum(t.numel() * t.element_size() for t in meta.state_dict().values())
+    masks = 4 * sum(math.prod(shape) for shape in shapes.values())  # float32, like every mask
     available = _memory_available()
-    if available is not None and 4 * parameters > available:
-        raise UserError(f"{network} has {parameters:,} parameters: {4 * parameters / 2**30:,.1f} GiB of weights, "
-                        f"and this machine has {available / 2**30:,.1f} GiB of memory available")
+    if available is not None and state + masks > available:
+        parameters = sum(p.numel() for p in meta.parameters())
+        raise UserError(f"{_describe(config)} has {parameters:,} parameters: {(state + masks) / 2**30:,.1f} GiB of "
+                        f"weights, buffers and masks, and this machine has {available / 2**30:,.1f} GiB of memory "
+                        "available")
+    return shapes
 
 
 def _memory_available() -> int | None:
