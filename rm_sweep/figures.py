@@ -190,6 +190,8 @@ def fig14_table(summary: pd.DataFrame, paper: pd.DataFrame | None = None) -> pd.
 def check_png_path(out: str | Path) -> Path:
     """``out`` as a Path; a ``UserError`` unless it names a ``.png`` file."""
     out = Path(out)
+    if out.name.lower() == ".png":  # a hidden file: its suffix is empty, and its copies would be .png.svg
+        raise UserError(f"the figure needs a name before .png, got {out}")
     if out.suffix.lower() != ".png":
         raise UserError(f"the figure must be a .png file (.svg and .pdf copies are written beside it), got {out}")
     return out

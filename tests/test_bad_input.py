@@ -117,6 +117,8 @@ CASES = [
     # python -m rm_sweep.tradeoff
     ("tradeoff-out-dir", "tradeoff", ["--space", "space.yaml", "--out", "adir.png"], "--out adir.png is a directory"),
     ("tradeoff-out-jpg", "tradeoff", ["--space", "space.yaml", "--out", "fig.jpg"], "must be a .png file"),
+    ("tradeoff-out-hidden", "tradeoff", ["--space", "space.yaml", "--out", "figs/.png"],
+     "the figure needs a name before .png, got figs/.png"),
     ("tradeoff-out-under-file", "tradeoff", ["--space", "space.yaml", "--out", "afile/fig.png"],
      "afile is not a directory"),
     ("tradeoff-out-read-only", "tradeoff", ["--space", "space.yaml", "--out", "readonly/fig.png"],
