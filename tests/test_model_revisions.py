@@ -32,7 +32,7 @@ REVISIONS = {
     "resnet18": (2, "a1730d9610f104a9"),
     "resnet50": (2, "ac5f25fc8ebef39c"),
     "senet18": (2, "de746636c37acee5"),
-    "vgg19": (2, "8e965612e7059ab1"),
+    "vgg19": (3, "d46e6e4c35e21365"),
 }
 
 

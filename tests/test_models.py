@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from rm_sweep.errors import UserError
-from rm_sweep.masks import VARIANTS, MaskConfig, RandomMask, sample_mask
+from rm_sweep.masks import VARIANTS, MaskConfig, RandomMask, mask_shapes, sample_mask
 from rm_sweep.models import (
     count_parameters,
     create_model,
@@ -239,6 +239,24 @@ def test_channel_multiplier_widens_the_first_four_vgg_convs():
     base = list(_conv_widths(create_model("vgg19", width=WIDTH, mask=MaskConfig(0.5))).values())
     wide = list(_conv_widths(create_model("vgg19", width=WIDTH, mask=MaskConfig(0.5, channel_multiplier=2))).values())
     assert wide[:4] == [2 * c for c in base[:4]] and wide[4:] == base[4:]
+
+
+@pytest.mark.parametrize(("size", "maps"), [(32, [32] * 2 + [16] * 2 + [8] * 4 + [4] * 4 + [2] * 4),
+                                           (28, [28] * 2 + [14] * 2 + [7] * 4 + [3] * 4 + [1] * 4)])
+def test_vgg_convs_run_at_the_authors_map_sizes(size, maps):
+    """Floor pooling, as the authors' VGG-19s; on MNIST (``MNIST/Models/vgg_unfold.py``) the
+    fifth pool is left out and the last four convs run at 1x1."""
+    model = create_model("vgg19", width=WIDTH, in_channels=1 if size == 28 else 3, image_size=size,
+                         mask=MaskConfig(deep_ratio=0.5))
+    assert [shape[1] for shape in mask_shapes(model, torch.zeros(1, model.config.in_channels, size, size)).values()] \
+        == maps[4:]
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[-1]))
+             for m in model.modules() if isinstance(m, nn.Conv2d)]
+    model.eval()(torch.rand(2, model.config.in_channels, size, size))
+    for h in hooks:
+        h.remove()
+    assert seen == maps
 
 
 def _shallow_convs(arch: str, model: nn.Module) -> dict[str, nn.Conv2d]:
