@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from rm_sweep import checks
+from rm_sweep.errors import UserError
 
 VARIANTS = ("random", "same", "channel")
 PARTS = ("shallow", "deep")
@@ -83,13 +84,18 @@ def sample_mask(shape: tuple[int, int, int], ratio: float, variant: str, seed: i
 
     Returns:
         float32 tensor (C, H, W) of 0s and 1s: ``random`` has exactly round(ratio*H*W) zeros in
-        every channel, ``same`` one such spatial mask for all channels.
+        every channel, ``same`` one such spatial mask for all channels. A ``UserError`` where
+        that is every unit; on a small map a small ratio may drop none (1x1 at ratio 0.5).
     """
     c, h, w = shape
+    dropped = round(ratio * h * w)
+    if dropped == h * w:  # a deep mask on the last maps of VGG-19: 2x2 at ratio 0.9, 1x1 (MNIST) at 0.7
+        raise UserError(f"the mask of {layer} would drop every unit of its {h}x{w} maps "
+                        f"(round({ratio:g} x {h * w}) = {dropped}): the network's output would not depend on its input")
     rows = c if variant == "random" else 1
     # argsort of i.i.d. uniforms is a uniform random permutation per row.
     order = torch.rand(rows, h * w, generator=_generator(seed, layer)).argsort(dim=1)
-    zeros = order[:, : round(ratio * h * w)]
+    zeros = order[:, :dropped]
     mask = torch.ones(c, h * w)
     mask.scatter_(1, zeros.expand(c, -1) if rows == 1 else zeros, 0.0)
     return mask.view(c, h, w)

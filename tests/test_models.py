@@ -259,6 +259,23 @@ def test_vgg_convs_run_at_the_authors_map_sizes(size, maps):
     assert seen == maps
 
 
+@pytest.mark.parametrize(("size", "ratio", "dropped"), [(32, 0.9, "round(0.9 x 4) = 4"), (28, 0.7, "round(0.7 x 1) = 1")])
+@pytest.mark.parametrize("variant", MASKING_VARIANTS)
+def test_a_mask_that_would_drop_every_unit_of_a_map_is_refused(size, ratio, dropped, variant):
+    """VGG-19's last four convs run at 2x2 (1x1 on MNIST): a deep mask there at a high ratio would
+    zero them whole and make the logits a constant."""
+    with pytest.raises(UserError, match=rf"^the mask of body\.\d+ would drop every unit of its (2x2|1x1) maps "
+                                        rf"\({re.escape(dropped)}\)"):
+        create_model("vgg19", width=WIDTH, in_channels=1 if size == 28 else 3, image_size=size,
+                     mask=MaskConfig(deep_ratio=ratio, variant=variant))
+
+
+def test_on_a_1x1_map_a_ratio_rounding_to_no_unit_masks_nothing():
+    """Documented in docs/fidelity.md: exactly round(p * H * W) zeros per channel."""
+    assert sample_mask((4, 1, 1), 0.5, "random", 0, "layer").sum() == 4
+    assert sample_mask((4, 2, 2), 0.5, "random", 0, "layer").sum() == 8
+
+
 def _shallow_convs(arch: str, model: nn.Module) -> dict[str, nn.Conv2d]:
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     if arch == "vgg19":
