@@ -176,11 +176,13 @@ def _shapes(model: Classifier, example: torch.Tensor, config: ModelConfig) -> di
 
 def _probe(config: ModelConfig, plan: LayerPlan) -> dict[str, tuple[int, int, int]] | None:
     """Build the network on the meta device, which allocates nothing, and run one image through
-    it: the (C, H, W) each mask needs, or None where the meta device cannot build or run this
-    architecture (an op of its own) or the image is too small for it (``_shapes`` then says so). A ``UserError`` unless its weights, buffers and masks fit
-    in the memory this machine has available, so that a width (or channel multiplier, or image
-    size) typo fails in a second instead of filling memory until the kernel kills this process,
-    or a neighbour's."""
+    it: the (C, H, W) each mask needs. None where the meta device cannot build or run this
+    architecture (an op of its own) or the image is too small for it (``_shapes`` then says so).
+
+    A ``UserError`` unless its weights, buffers and masks fit in the memory this machine has
+    available, so that a width (or channel multiplier, or image size) typo fails in a second
+    instead of filling memory until the kernel kills this process, or a neighbour's.
+    """
     try:
         with torch.device("meta"):
             meta = Classifier(config, _REGISTRY[config.arch](plan, config.in_channels, config.num_classes))

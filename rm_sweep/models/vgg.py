@@ -1,4 +1,5 @@
-"""VGG-19 with BatchNorm (Simonyan & Zisserman, 2014) for 32x32 (CIFAR-10) or 28x28 (MNIST) inputs, one final linear layer.
+"""VGG-19 with BatchNorm (Simonyan & Zisserman, 2014) for 32x32 (CIFAR-10) or 28x28 (MNIST)
+inputs, one final linear layer.
 
 Shallow = the first four conv layers (the paper's masked part), deep = the other twelve.
 As the authors' ``vgg_drop_01_05.py``: each conv's BatchNorm output in a masked part is masked
