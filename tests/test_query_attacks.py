@@ -63,17 +63,21 @@ def _linf(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class QueryRecorder(nn.Module):
     """Watches ART attack one image: counts its queries and keeps the smallest L-inf distance of
     a query the model misclassified, so ART is judged by every point it tried, as ours is.
-    (Its inputs are cast to float32: ART's HopSkipJump blends images in float64.)"""
+
+    It runs a float64 copy of the model, as ART's HopSkipJump blends images in float64: its
+    step-size search halves a step until the point is adversarial, which at step 0 is the point
+    its binary search found adversarial. Cast to float32, that point could be classified
+    otherwise, and the search halved forever (this test hung on its sixth image)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model
+        self.model = copy.deepcopy(model).double()
 
     def watch(self, image: torch.Tensor, label: torch.Tensor) -> None:
         self.image, self.label, self.count, self.closest = image, label, 0, math.inf
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
+        x = x.double()
         outputs = self.model(x)
         self.count += len(x)
         fooled = outputs.argmax(1) != self.label
