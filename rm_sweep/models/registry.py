@@ -154,7 +154,7 @@ def build(config: ModelConfig) -> Classifier:
     shapes = _probe(config, plan)
     model = Classifier(config, _REGISTRY[config.arch](plan, config.in_channels, config.num_classes))
     if shapes is None:  # the meta device could not build or run it: one zero image, for real
-        shapes = _shapes(model, torch.zeros(1, config.in_channels, config.image_size, config.image_size), config)
+        shapes = _shapes(model, config)
     if config.mask is not None:
         install_masks(model, shapes, config.mask.seed)
     return model
@@ -165,10 +165,15 @@ def _describe(config: ModelConfig) -> str:
     return f"{config.arch} at width {config.width:g}" + (f", channel multiplier {multiplier:g}" if multiplier != 1 else "")
 
 
-def _shapes(model: Classifier, example: torch.Tensor, config: ModelConfig) -> dict[str, tuple[int, int, int]]:
-    """``mask_shapes``; a ``UserError`` where the network cannot take images of this size."""
+def _example(config: ModelConfig, device: str = "cpu") -> torch.Tensor:
+    """One zero image (1, C, H, W) of the size ``config`` says the network will see."""
+    return torch.zeros(1, config.in_channels, config.image_size, config.image_size, device=device)
+
+
+def _shapes(model: Classifier, config: ModelConfig) -> dict[str, tuple[int, int, int]]:
+    """``mask_shapes`` for one image; a ``UserError`` where the network cannot take images of this size."""
     try:
-        return mask_shapes(model, example)
+        return mask_shapes(model, _example(config))
     except RuntimeError as exc:
         size = f"{config.image_size}x{config.image_size}"
         raise UserError(f"{_describe(config)} cannot take {size} images ({str(exc).splitlines()[0]})") from None
@@ -190,9 +195,8 @@ def _probe(config: ModelConfig, plan: LayerPlan) -> dict[str, tuple[int, int, in
         if "overflow" not in str(exc):
             return None
         raise UserError(f"{_describe(config)} is too large to build ({str(exc).splitlines()[0]})") from None
-    example = torch.zeros(1, config.in_channels, config.image_size, config.image_size, device="meta")
     try:
-        shapes = mask_shapes(meta, example)
+        shapes = mask_shapes(meta, _example(config, "meta"))
     except (RuntimeError, NotImplementedError):  # too small an image, or an op meta lacks: tried for real
         return None
     state = sum(t.numel() * t.element_size() for t in meta.state_dict().values())
