@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 
 from rm_sweep.atomic import atomic_write_bytes, cannot_create
 from rm_sweep.errors import UserError, cannot_read
-from rm_sweep.uris import is_uri, resolve_uri
+from rm_sweep.uris import GCS_SCHEMES, is_uri, resolve_uri
 
 
 class Storage:
@@ -68,7 +68,7 @@ class Storage:
         override = parse_qs(self.query.lstrip("?")).get("endpoint_override")
         if override:
             return override[0]
-        if self.scheme in ("gs", "gcs"):
+        if self.scheme in GCS_SCHEMES:
             return "of Google Cloud Storage"
         return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "of AWS S3"
 

@@ -17,6 +17,7 @@ from rm_sweep.errors import UserError
 # pyarrow retries a failed Google Cloud Storage request for 15 minutes, so a gs:// store on a
 # machine without a network would seem to hang. Transient errors are still retried this long.
 GCS_RETRY_SECONDS = 30
+GCS_SCHEMES = ("gs", "gcs")  # pyarrow's names for Google Cloud Storage
 
 
 def default_store_uri() -> str:
@@ -40,7 +41,7 @@ def resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     if not is_uri(uri):
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
     parts = urlsplit(uri)
-    if parts.scheme in ("gs", "gcs") and "retry_limit_seconds" not in parse_qs(parts.query):
+    if parts.scheme in GCS_SCHEMES and "retry_limit_seconds" not in parse_qs(parts.query):
         uri = parts._replace(query="&".join(filter(None, [parts.query, f"retry_limit_seconds={GCS_RETRY_SECONDS}"]))).geturl()
     try:
         return pafs.FileSystem.from_uri(uri)
@@ -61,4 +62,4 @@ def read_bytes(uri: str, what: str = "file") -> bytes:
         raise UserError(f"cannot read {what} {uri}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
-__all__ = ["GCS_RETRY_SECONDS", "default_store_uri", "is_uri", "read_bytes", "resolve_uri"]
+__all__ = ["GCS_RETRY_SECONDS", "GCS_SCHEMES", "default_store_uri", "is_uri", "read_bytes", "resolve_uri"]
