@@ -195,7 +195,10 @@ def test_hop_skip_jump_success_rate_equals_arts(trained, correct, monkeypatch: p
     theirs = torch.tensor(closest) <= 16 / 255 + 1e-6
     ours = hop_skip_jump(trained, images, labels, 16 / 255, max_queries=round(sum(counts) / len(counts)))
     assert 0.15 <= ours.success.float().mean().item() <= 0.85
-    assert mcnemar_p(ours.success, theirs) >= 0.05, (ours.success.sum().item(), theirs.sum().item())
+    # At 1 %, not 5 %: ``trained`` is a different model on each CPU (AVX2 and AVX-512 kernels
+    # round differently), and over six such models the images only one attack fooled split
+    # between 1:1 and 8:1 (p = 0.04), 25:15 in all. An attack half as strong splits far wider.
+    assert mcnemar_p(ours.success, theirs) >= 0.01, (ours.success.sum().item(), theirs.sum().item())
 
 
 def test_hop_skip_jump_chunked_forward_passes_give_the_same_result() -> None:
@@ -241,7 +244,9 @@ def test_an_image_gets_the_same_result_alone_as_in_itsrandom_batch(trained, corr
     """Each image draws from its own generator (seed, id); float64 keeps the model's outputs
     independent of the batch size to far below the decisions' margins."""
     model = copy.deepcopy(trained).double()
-    n, budget = {"square": (12, 100), "hop_skip_jump": (8, 500)}[attack]  # some succeed, some fail
+    # Some succeed, some fail, whichever CPU trained the model (HopSkipJump fooled 0 to 7 of
+    # the first 8 images of six models, 5 to 10 of the first 16).
+    n, budget = {"square": (12, 100), "hop_skip_jump": (16, 500)}[attack]
     images, labels = correct[0][:n].double(), correct[1][:n]
     whole = run(attack, model, images, labels, max_queries=budget)
     assert 0 < whole.success.sum().item() < len(images)
