@@ -11,6 +11,7 @@ what it drew.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
+from rm_sweep.atomic import atomic_write_bytes
 from rm_sweep.errors import UserError
 from rm_sweep.paper_results import FIG14_METRICS as METRICS
 from rm_sweep.spaces import SearchSpace
@@ -253,10 +255,12 @@ def draw_fig14(summary: pd.DataFrame, out: str | Path, *, rows: pd.DataFrame | N
     accuracy_ax.set_title("clean accuracy")
     if title:
         figure.suptitle(title)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=150)
-    figure.savefig(out.with_suffix(".svg"))
-    figure.savefig(out.with_suffix(".pdf"))
+    # Each file is rendered in memory and renamed into place, so a reader (a browser, a LaTeX
+    # build) never sees a half-written figure and an interrupted run leaves the last one whole.
+    for path, dpi in ((out, 150), (out.with_suffix(".svg"), None), (out.with_suffix(".pdf"), None)):
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format=path.suffix[1:].lower(), dpi=dpi)
+        atomic_write_bytes(path, buffer.getvalue())
     return drawn
 
 

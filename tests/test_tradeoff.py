@@ -94,6 +94,27 @@ def test_figure_points_are_the_stored_rows(filled: tuple[SearchSpace, Store, Pat
         assert [y for _, y in drawn_dots] == pytest.approx([y for _, y in stored])
 
 
+def test_redrawing_replaces_each_file_whole(filled: tuple[SearchSpace, Store, Path], tmp_path: Path) -> None:
+    """A reader that opened the figures before a redraw still reads the old ones whole (each new
+    file is renamed into place, never written over the old), and a link keeps its place."""
+    space, store, _ = filled
+    summary = fig14_summary(fig14_rows(store, space))
+    out = tmp_path / "fig.png"
+    draw_fig14(summary, out)
+    readers = {p: (p.read_bytes(), p.open("rb")) for p in (out, out.with_suffix(".svg"), out.with_suffix(".pdf"))}
+    draw_fig14(summary, out, title="redrawn")
+    for path, (before, reader) in readers.items():
+        with reader:
+            assert reader.read() == before, path
+        assert path.read_bytes() != before, path
+    link = tmp_path / "link" / "fig.png"
+    link.parent.mkdir()
+    link.symlink_to(out)
+    draw_fig14(summary, link)
+    assert link.is_symlink() and link.resolve() == out
+    assert not [p.name for p in tmp_path.rglob(".*")]
+
+
 def test_command_writes_png_and_svg_from_the_store_without_ray(
         filled: tuple[SearchSpace, Store, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     space, store, root = filled
