@@ -68,8 +68,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    setting = get_setting("madry_pgd")
-    eps, step, steps = setting.eps_255 / 255, setting.step_255 / 255, setting.steps
+    method = get_setting("madry_pgd").method  # a PGD: budgets in /255 units
+    eps, step, steps = method.eps_255 / 255, method.step_255 / 255, method.steps
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = create_model(args.arch, width=args.width).to(args.device, memory_format=memory_format).eval()
     images = torch.randint(0, 256, (args.batch_size, 3, 32, 32), device=args.device).float() / 255

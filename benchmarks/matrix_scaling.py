@@ -115,7 +115,7 @@ def pool(store: Store, source_ids: list[str], target_ids: list[str], data: Datas
     start = time.perf_counter()
     shards = [(TargetShard.options(num_cpus=cpus, num_gpus=gpus).remote(store.location(), group, cpus, 256), list(group))
               for group in shard_targets({t: [t] for t in target_ids}, actors)]
-    ray.get([actor.ready.remote() for actor, _ in shards])
+    ray.get([actor.forward_images.remote() for actor, _ in shards])  # returns once each has loaded its targets
     loaded = time.perf_counter()
     jobs = [ray.put(Job(setting, get_setting(setting).params(), limit, ray.get(s))) for s in sets]
     ray.get([actor.count.remote(job, [("black", t) for t in ids], images, labels) for job in jobs for actor, ids in shards])
