@@ -17,7 +17,6 @@ import argparse
 import datetime as dt
 import html
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,9 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.data is not None:
         parse_data_spec(args.data)
     store = cli.existing_store(args.store)
-    # Figures are drawn into a staging folder and moved beside --out once the whole report is
+    # Figures are drawn into a staging folder and copied beside --out once the whole report is
     # made, so a report that fails half way (a --data that is not the models', a damaged store
-    # file) leaves no files behind.
+    # file) leaves no files behind. Each is written atomically: the staging folder may be on
+    # another file system, where a move would write over the old figure while a browser reads it.
     with tempfile.TemporaryDirectory(prefix="rm_sweep-report-") as staging:
         staged = Path(staging) / figures.name
         report = build(store, staged, data=args.data, data_dir=args.data_dir, images=args.images)
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         if staged.is_dir():
             figures.mkdir(exist_ok=True)
             for path in staged.iterdir():
-                shutil.move(path, figures / path.name)
+                atomic_write_bytes(figures / path.name, path.read_bytes())
     for path, text in ((out, report.html), (markdown, report.markdown), (latex, report.latex)):
         atomic_write_bytes(path, text.encode())
     gallery = (f"{report.gallery_rows} image(s) x {report.gallery_sources} source(s)" if report.gallery_rows

@@ -8,6 +8,7 @@ tests/test_query.py does), whose numbers the tables must reproduce; one of tiny 
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -257,6 +258,26 @@ def test_markdown_and_latex_hold_the_same_tables(handmade: Store, handmade_repor
     assert latex.count(r"\begin{tabular}") == len(_PAPER)
     for title in _PAPER:
         assert f"## {title} (paper vs ours)" in markdown
+
+
+def test_a_new_report_replaces_each_figure_whole(handmade: Store, tmp_path: Path) -> None:
+    """Figures are renamed into place one by one: a figure a reader opened before the new report
+    still reads whole, a figure that is a link keeps its place, and no temporary file is left."""
+    out = tmp_path / "report.html"
+    assert report.main(["--store", handmade.uri, "--out", str(out)]) == 0
+    first, second = sorted((tmp_path / "report_figures").glob("heatmap_*.png"))[:2]
+    before = first.read_bytes()
+    elsewhere = tmp_path / "kept" / second.name
+    elsewhere.parent.mkdir()
+    second.rename(elsewhere)
+    second.symlink_to(elsewhere)
+    with first.open("rb") as reader:
+        assert report.main(["--store", handmade.uri, "--out", str(out)]) == 0
+        assert first.stat().st_ino != os.fstat(reader.fileno()).st_ino
+        assert reader.read() == before
+    assert second.is_symlink() and second.resolve() == elsewhere
+    assert elsewhere.read_bytes().startswith(b"\x89PNG")
+    assert not [p.name for p in tmp_path.rglob(".*")]
 
 
 def test_the_report_lists_each_directory_of_the_store_once(handmade: Store, tmp_path: Path,
