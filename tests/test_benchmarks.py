@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from scaffold import ROOT
+
+BENCHMARKS = ROOT / "benchmarks"
 
 # script: (arguments, a line its result starts with, marks). "{data}" is the shared CIFAR-10 folder.
 CASES: dict[str, tuple[list[str], str, list[pytest.MarkDecorator]]] = {
@@ -51,8 +53,8 @@ def test_benchmark_prints_its_result(script: str, request: pytest.FixtureRequest
         folder = str(request.getfixturevalue("cifar_folder"))
         arguments = [a.replace("{data}", folder) for a in arguments]
     # A private decoded-data cache and Inductor cache: nothing lands in the user's ~/.cache.
-    env = {**os.environ, "RM_SWEEP_DATA_DIR": str(tmp_path / "data"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCHMARKS.parent), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RM_SWEEP_DATA_DIR": str(tmp_path / "data"),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     run = subprocess.run([sys.executable, script, *arguments], cwd=BENCHMARKS, env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
